@@ -1,0 +1,31 @@
+# Quickstart: `make run` generates an image, `make test` runs the tests. Both create .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch: pinned first, so nothing pulls the multi-GB CUDA build. Elsewhere, add
+# TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" if your pip would pick a CUDA wheel.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/python -m sdstudio.testing.tiny .cache/tiny-model > /dev/null
+	$(BIN)/sdstudio txt2img "a red circle on a blue background" --model .cache/tiny-model --seed 1
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache outputs

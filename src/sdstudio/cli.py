@@ -1,0 +1,233 @@
+"""The command-line door: parses options into a GenerationRequest and hands it to the engine.
+
+Bad input prints one line saying what to fix and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sdstudio import __version__
+from sdstudio.engine.output import read_metadata, save_result
+from sdstudio.engine.requests import GenerationRequest
+from sdstudio.errors import SdStudioError
+from sdstudio.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdstudio.storage.images import open_image
+
+if TYPE_CHECKING:
+    from sdstudio.engine.hooks import ProgressEvent
+    from sdstudio.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="sdstudio: Stable Diffusion from the command line.")
+err = Console(stderr=True)
+
+Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, or a model name.")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps (1-150). [default: 20]")]
+Cfg = Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale. [default: 7]")]
+Sampler = Annotated[str | None, typer.Option("--sampler", help="Sampler, e.g. 'Euler a', 'DPM++ 2M'.")]
+Schedule = Annotated[str | None, typer.Option("--schedule", help="Automatic, Karras, Exponential, ...")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed; -1 for random. [default: -1]")]
+Width = Annotated[int | None, typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
+Height = Annotated[int | None, typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
+Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batch. [default: 1]")]
+NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. [default: 1]")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. [default: ./outputs]")]
+CaptureEvery = Annotated[int | None, typer.Option("--capture-every", help="Save the denoising process every N steps.")]
+FromImage = Annotated[Path | None, typer.Option("--from-image", help="Re-run the parameters stored in this PNG.")]
+
+
+@app.callback()
+def setup(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps or auto.", envvar="SDSTUDIO_DEVICE")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.", envvar="SDSTUDIO_DTYPE")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the engine does.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=lambda v: _print_version(v))] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    ctx.obj = {"device": device, "dtype": dtype}
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"sdstudio {__version__}")
+        raise typer.Exit()
+
+
+def _settings(options: dict[str, str], out: Path | None) -> Settings:
+    from sdstudio.settings import Settings, resolve_device, resolve_dtype  # deferred: imports torch
+
+    try:
+        device = resolve_device(options["device"])
+        settings = Settings.from_env(device=device, dtype=resolve_dtype(options["dtype"], device))
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    return replace(settings, outputs_dir=out) if out is not None else settings
+
+
+@app.command()
+def txt2img(ctx: typer.Context,
+            prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+            negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
+            sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
+            height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
+            capture_every: CaptureEvery = None, from_image: FromImage = None) -> None:
+    """Generate images from a prompt."""
+    overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
+                           sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
+                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every)
+    base = _fields_from_image(from_image) if from_image else {}
+    base.pop("strength", None)
+    _run(ctx.obj, _request(base, overrides), out)
+
+
+@app.command()
+def img2img(ctx: typer.Context,
+            image: Annotated[Path, typer.Argument(help="The init image.")],
+            prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+            strength: Annotated[float | None, typer.Option(help="Denoising strength 0-1. [default: 0.75]")] = None,
+            negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
+            sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
+            height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
+            capture_every: CaptureEvery = None, from_image: FromImage = None) -> None:
+    """Redraw an image guided by a prompt; low strength stays close to the input."""
+    overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
+                           sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
+                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength)
+    base = _fields_from_image(from_image) if from_image else {}
+    try:
+        init = open_image(image)
+    except SdStudioError as e:
+        _fail(str(e))
+    _run(ctx.obj, _request(base, {**overrides, "init_image": init}), out)
+
+
+@app.command()
+def info(image: Annotated[Path, typer.Argument(help="A PNG made by sdstudio or AUTOMATIC1111.")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print the parsed request as JSON.")] = False) -> None:
+    """Print the generation parameters stored in an image."""
+    try:
+        meta = read_metadata(image)
+    except SdStudioError as e:
+        _fail(str(e))
+    if meta.infotext is None and meta.record is None:
+        _fail(f"{image} has no generation parameters (no 'parameters' or 'sdstudio' text chunk)")
+    if as_json:
+        typer.echo(json.dumps({"infotext": meta.infotext, "request": meta.request_fields(),
+                               "record": meta.record}, indent=2))
+        return
+    if meta.infotext:
+        typer.echo(meta.infotext)
+        typer.echo("")
+    for key, value in meta.request_fields().items():
+        typer.echo(f"{key:>16}: {value}")
+    if meta.record:
+        env = meta.record.get("environment", {})
+        typer.echo(f"{'environment':>16}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+
+
+@app.command()
+def samplers() -> None:
+    """List the samplers and the schedule types each supports."""
+    for s in SAMPLERS:
+        typer.echo(f"{s.name:<14} {s.scheduler_class:<34} schedules: {', '.join(('Automatic', *s.schedules))}"
+                   f"  (Automatic = {s.default_schedule})")
+    typer.echo(f"\nSchedule types: {', '.join(SCHEDULE_TYPES)}")
+
+
+def _overrides(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _fields_from_image(path: Path) -> dict[str, Any]:
+    try:
+        fields = read_metadata(path).request_fields()
+    except SdStudioError as e:
+        _fail(str(e))
+    if not fields:
+        _fail(f"{path} has no generation parameters to re-run")
+    return fields
+
+
+def _request(base: dict[str, Any], overrides: dict[str, Any]) -> GenerationRequest:
+    fields = {**base, **overrides}
+    if not fields.get("prompt") and "init_image" not in fields:
+        _fail("give a prompt (or --from-image IMAGE to re-run one)")
+    try:
+        return GenerationRequest(**fields)
+    except TypeError as e:
+        _fail(f"invalid parameters: {e}")
+
+
+def _run(options: dict[str, str], request: GenerationRequest, out: Path | None) -> None:
+    from sdstudio.engine.engine import Engine
+
+    settings = _settings(options, out)
+    _quiet_libraries()
+    with StepProgress() as bar:
+        try:
+            result = Engine(settings).generate(request, progress=bar.on_event)
+        except SdStudioError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted", code=130)
+    for saved in save_result(result, settings.outputs_dir):
+        typer.echo(str(saved.path))
+        if saved.capture_dir:
+            typer.echo(str(saved.capture_dir))
+    err.print(f"[dim]{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.2f} s[/dim]")
+
+
+class StepProgress:
+    """A rich bar over all steps of all batches with it/s and ETA; silent when stderr is not a terminal."""
+
+    def __enter__(self) -> StepProgress:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=err, transient=True, disable=not err.is_terminal)
+        self.bar.start()
+        self.task = self.bar.add_task("loading", total=None, rate="")
+        return self
+
+    def on_event(self, event: ProgressEvent) -> None:
+        speed = self.bar.tasks[0].speed
+        self.bar.update(self.task, completed=event.iteration * event.steps + event.step,
+                        total=event.steps * event.n_iter, rate=f"{speed:.1f} it/s" if speed else "",
+                        description=f"batch {event.iteration + 1}/{event.n_iter}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would drown ours; errors still show."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    # torchsde warns about float rounding of Brownian interval ends (1e-7), which DPM++ SDE always causes.
+    warnings.filterwarnings("ignore", message="Should have ta>=t0", module="torchsde")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="sdstudio")

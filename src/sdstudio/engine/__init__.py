@@ -1,0 +1,1 @@
+"""The engine: typed requests -> validation -> stages -> one denoising loop -> results."""

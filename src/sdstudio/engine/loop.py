@@ -1,0 +1,86 @@
+"""The one denoising loop. Every SD-family mode is a Plan handed to `denoise`.
+
+Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s * (eps_c - eps_u), with the
+unconditional and conditional branches in one UNet batch; skipped when s <= 1, as diffusers does.
+The scheduler (any diffusers scheduler) owns the update rule and the prediction type (epsilon,
+v-prediction); the loop only feeds it model outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdstudio.engine.hooks import StepHook, StepState
+from sdstudio.prompts.conditioning import CondProvider
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the stages prepared for the loop."""
+
+    latents: Tensor                 # (B, C, h, w) start: noise * init_noise_sigma, or the noised init image
+    timesteps: Tensor               # (S,) the scheduler's timesteps, already cut by strength
+    cond: CondProvider              # cond.at(i): positive/negative conditioning for evaluation i
+    cfg_scale: float
+    step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+@torch.inference_mode()
+def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None) -> Tensor:
+    """Run the plan; returns the final latents (B, C, h, w)."""
+    x = plan.latents
+    batch, total = x.shape[0], len(plan.timesteps)
+    for i, t in enumerate(plan.timesteps):
+        cond = plan.cond.at(i)
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if plan.guided else x, t)  # (2B|B, C, h, w)
+        context = cond.cfg_batch if plan.guided else cond.positive
+        out = unet(x_in, t, **context.unet_kwargs(), return_dict=False)[0]
+        if plan.guided:
+            uncond, text = out.chunk(2)
+            out = uncond + plan.cfg_scale * (text - uncond)
+        x = scheduler.step(out, t, x, **plan.step_kwargs, return_dict=False)[0]
+        if hook is not None:
+            x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)
+            hook(StepState(i, total, t, x, x0))
+    return x
+
+
+def alpha_bar(scheduler: Any, t: Tensor) -> Tensor:
+    """Cumulative signal fraction at a (possibly fractional) timestep t.
+
+    Sigma schedulers interpolate timesteps linearly in log sigma, sigma = sqrt((1 - a) / a), so we
+    interpolate the same way: exact for integer t and for every sigma the scheduler produced.
+    """
+    ac = scheduler.alphas_cumprod.to(torch.float64).clamp(1e-12, 1.0)
+    log_sigma = 0.5 * torch.log((1 - ac) / ac)
+    tf = float(t)
+    lo = min(int(tf), len(ac) - 1)
+    hi = min(lo + 1, len(ac) - 1)
+    w = tf - lo
+    s = torch.exp((1 - w) * log_sigma[lo] + w * log_sigma[hi])
+    return 1.0 / (1.0 + s * s)
+
+
+def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, t: Tensor) -> Tensor:
+    """x0 from a model output at the variance-preserving input `sample` = sqrt(a) x0 + sqrt(1-a) eps.
+
+    epsilon: x0 = (x - sqrt(1-a) eps) / sqrt(a);  v: x0 = sqrt(a) x - sqrt(1-a) v;  sample: x0 = out.
+    """
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "sample":
+        return model_output
+    a = alpha_bar(scheduler, t).clamp(min=1e-8)
+    sa, sb = float(a.sqrt()), float((1 - a).sqrt())
+    if kind == "v_prediction":
+        return sa * sample - sb * model_output
+    return (sample - sb * model_output) / sa

@@ -1,0 +1,54 @@
+"""The machine-readable record stored with every image (the `sdstudio` PNG chunk, JSON).
+
+It holds the whole resolved request, the image's own seed and index, the model and its hash, the
+sampler with the exact scheduler config, library versions, device and dtype: enough to re-run.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from sdstudio.engine.requests import GenerationRequest
+
+if TYPE_CHECKING:
+    import torch
+
+RECORD_FORMAT = "sdstudio/1"
+LIBRARIES = ("sdstudio", "torch", "diffusers", "transformers")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {**library_versions(), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def image_record(req: GenerationRequest, index: int, seed: int, model: dict[str, Any],
+                 sampler: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": RECORD_FORMAT,
+        "request": req.to_dict(),
+        "image": {"index": index, "seed": seed},
+        "model": model,
+        "sampler": sampler,
+        "environment": env,
+    }
+
+
+def request_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Request fields that re-create exactly this image: its own seed, as a batch of one."""
+    if record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"unknown record format {record.get('format')!r}")
+    fields = {k: v for k, v in record["request"].items() if k in GenerationRequest.field_names()}
+    fields.update(seed=record["image"]["seed"], batch_size=1, n_iter=1)
+    return fields

@@ -1,0 +1,113 @@
+"""Typed requests and results: what every door hands the engine and gets back."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+DEFAULT_SAMPLER = "DPM++ 2M"
+DEFAULT_SCHEDULE = "Automatic"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One txt2img or img2img job. img2img when `init_image` is given.
+
+    width/height None: the model's native size (txt2img) or the init image's size rounded down to
+    the latent factor (img2img). seed -1: random; the result records the seed actually used.
+    Image k of the job (k < batch_size * n_iter) uses seed + k.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = DEFAULT_SAMPLER
+    schedule: str = DEFAULT_SCHEDULE
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    model: str | None = None
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)
+    strength: float = 0.75
+    capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.init_image is not None else "txt2img"
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; the init image is recorded by size and pixel hash, not embedded."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init_image"}
+        out["mode"] = self.mode
+        if self.init_image is not None:
+            out["init_image"] = {"size": list(self.init_image.size), "sha256": image_sha256(self.init_image)}
+        else:
+            out.pop("strength")
+        return out
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"init_image"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        """The inverse of to_dict for every field except the init image (supply it separately)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.field_names()})
+
+
+def image_sha256(image: Image.Image) -> str:
+    """sha256 of the RGB pixels (independent of file format and metadata)."""
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The denoising process of one image, every N steps (seeds 003/004 show it by hand).
+
+    steps: 1-based step numbers; decoded: the VAE decode of the latents x_t at each step;
+    denoised: the VAE decode of the predicted x0; latents: the latent channels as pictures.
+    """
+
+    steps: list[int]
+    decoded: list[Image.Image]
+    denoised: list[Image.Image]
+    latents: list[Image.Image]
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image        # RGB, carries the infotext in image.info["parameters"]
+    index: int                # position in the job: 0 .. batch_size * n_iter - 1
+    seed: int
+    infotext: str             # A1111 "parameters" text
+    record: dict[str, Any]    # machine-readable metadata ("sdstudio" PNG chunk)
+    capture: Capture | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest   # as run: seed, size and model resolved
+    images: list[GeneratedImage]
+    latents: Tensor              # (N, C, h, w) final latents on the CPU, before VAE decoding
+    seconds: float
+
+    @property
+    def seeds(self) -> list[int]:
+        return [im.seed for im in self.images]

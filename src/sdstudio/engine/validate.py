@@ -1,0 +1,70 @@
+"""Request validation at the door: every message says what to fix."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sdstudio.engine.requests import GenerationRequest
+from sdstudio.errors import RequestError
+from sdstudio.samplers import SamplerChoice, resolve_sampler
+from sdstudio.settings import Limits
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What validation needs to know about the model: its latent factor and native size."""
+
+    factor: int
+    native_size: int
+
+
+def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
+    """Checks that need no model: ranges, counts and sampler names."""
+    _check_int(req.steps, "steps", 1, limits.max_steps)
+    _check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
+    _check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)
+    _check_int(req.capture_every, "capture_every", 0, limits.max_steps)
+    if not isinstance(req.cfg_scale, int | float) or not req.cfg_scale >= 0:
+        raise RequestError(f"cfg_scale must be a number >= 0, got {req.cfg_scale!r}", "cfg_scale")
+    if not isinstance(req.strength, int | float) or not 0.0 <= req.strength <= 1.0:
+        raise RequestError(f"strength must be between 0 and 1, got {req.strength!r}", "strength")
+    _check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
+    if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
+        raise RequestError("prompt and negative_prompt must be text", "prompt")
+    return resolve_sampler(req.sampler, req.schedule)
+
+
+def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Limits,
+                    model_name: str) -> tuple[GenerationRequest, SamplerChoice]:
+    """Validate `req` against the model and fill in what it left open (size, seed, model name)."""
+    choice = check_fields(req, limits)
+    width, height = _resolve_size(req, geometry)
+    for name, value in (("width", width), ("height", height)):
+        _check_int(value, name, limits.min_side, limits.max_side)
+        if value % geometry.factor:
+            raise RequestError(
+                f"{name} must be a multiple of {geometry.factor}, got {value} "
+                f"(nearest: {value // geometry.factor * geometry.factor or geometry.factor})", name)
+    seed = req.seed if req.seed != -1 else random.randrange(2**32)
+    resolved = req.replace(width=width, height=height, seed=seed, model=model_name,
+                           sampler=choice.sampler.name, schedule=choice.schedule)
+    return resolved, choice
+
+
+def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int, int]:
+    if req.init_image is not None and (req.width is None or req.height is None):
+        w, h = req.init_image.size
+        f = geometry.factor
+        w, h = max(f, w // f * f), max(f, h // f * f)
+        return req.width or w, req.height or h
+    return req.width or geometry.native_size, req.height or geometry.native_size
+
+
+def _check_int(value: object, name: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be a whole number, got {value!r}", name)
+    if not lo <= value <= hi:
+        raise RequestError(f"{name} must be between {lo} and {hi}, got {value}", name)

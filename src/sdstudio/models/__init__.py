@@ -1,0 +1,1 @@
+"""Models: find, recognise, hash and load Stable Diffusion checkpoints."""

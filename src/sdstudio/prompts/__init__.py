@@ -1,0 +1,1 @@
+"""Prompts: text to the conditioning tensors the UNet attends to."""

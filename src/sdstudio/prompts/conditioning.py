@@ -1,0 +1,70 @@
+"""Conditioning types consumed by the one denoising loop.
+
+SD1.x/SD2.x condition the UNet on CLIP hidden states (B, 77k, D); SDXL adds a pooled text embedding
+(B, 1280) and six micro-conditioning time ids (B, 6) through `added_cond_kwargs`. Conditioning may
+change per step (prompt editing, alternation): the loop asks a CondProvider for step i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    embeds: Tensor                 # (B, T, D) cross-attention context
+    pooled: Tensor | None = None   # (B, P) SDXL pooled text embedding
+    time_ids: Tensor | None = None  # (B, 6) SDXL original size, crop, target size
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    def repeat(self, n: int) -> TextConditioning:
+        """Each row repeated n times along the batch: (B, ...) -> (B*n, ...)."""
+        return TextConditioning(*(None if t is None else t.repeat_interleave(n, 0) for t in self._parts()))
+
+    def cat(self, other: TextConditioning) -> TextConditioning:
+        return TextConditioning(*(None if a is None else torch.cat([a, b]) for a, b in
+                                  zip(self._parts(), other._parts(), strict=True)))
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def _parts(self) -> tuple[Tensor | None, ...]:
+        return self.embeds, self.pooled, self.time_ids
+
+
+@dataclass(frozen=True)
+class GuidedConditioning:
+    """Positive and negative conditioning of one step, both (B, ...)."""
+
+    positive: TextConditioning
+    negative: TextConditioning
+
+    @cached_property
+    def cfg_batch(self) -> TextConditioning:
+        """The classifier-free-guidance batch (2B, ...): negative rows first, then positive."""
+        return self.negative.cat(self.positive)
+
+
+class CondProvider(Protocol):
+    def at(self, step: int) -> GuidedConditioning: ...
+
+
+@dataclass(frozen=True)
+class StaticCond:
+    """The same conditioning at every step."""
+
+    cond: GuidedConditioning
+
+    def at(self, step: int) -> GuidedConditioning:
+        return self.cond

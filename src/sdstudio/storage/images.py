@@ -1,0 +1,93 @@
+"""Writing images atomically and never over an existing file.
+
+A file is written to a hidden temporary name in the target folder, flushed, then hard-linked to its
+final name: the link fails if the name exists (we take the next number), so two writers never clobber
+each other and a reader never sees half a file. Names follow A1111: NNNNN-<seed>.png, numbered on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdstudio.errors import RequestError
+
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+def dated_folder(root: Path, kind: str, day: date | None = None) -> Path:
+    """A1111's layout: <root>/<kind>-images/<YYYY-MM-DD>."""
+    return root / f"{kind}-images" / (day or date.today()).isoformat()
+
+
+def next_number(folder: Path) -> int:
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))] \
+        if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def write_unique(folder: Path, suffix: str, write: Callable[[Path], None]) -> Path:
+    """Write with `write(tmp_path)`, then publish as the first free <folder>/NNNNN<suffix>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}{Path(suffix).suffix}"
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        number = next_number(folder)
+        while True:
+            final = folder / f"{number:05d}{suffix}"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                number += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def png_info(text: Mapping[str, str]) -> PngInfo:
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return info
+
+
+def save_png(image: Image.Image, folder: Path, name: str, text: Mapping[str, str]) -> Path:
+    """Save as <folder>/NNNNN-<name>.png with the given text chunks; returns the path."""
+    return write_unique(folder, f"-{name}.png", lambda p: image.save(p, format="PNG", pnginfo=png_info(text)))
+
+
+def save_animation(frames: Sequence[Image.Image], path: Path, ms_per_frame: int = 250) -> Path:
+    """An animated GIF that loops forever, the last frame held three times as long."""
+    durations = [ms_per_frame] * (len(frames) - 1) + [ms_per_frame * 3]
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.gif")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def read_png_text(path: Path) -> dict[str, str]:
+    """The text chunks of an image file (empty for formats without them)."""
+    with Image.open(path) as im:
+        im.load()
+        return {k: v for k, v in im.info.items() if isinstance(v, str)}
+
+
+def open_image(path: Path) -> Image.Image:
+    """An RGB image from a file, or a RequestError that names the file and the problem."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise RequestError(f"image not found: {path}", "image") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(f"cannot read image {path}: {e}", "image") from None

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sdstudio import Engine, Settings
+from sdstudio.testing.tiny import build_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD1.x-layout models with random weights: one epsilon-, one v-prediction."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "epsilon": build_tiny_sd(root / "tiny-eps", seed=0),
+        "v_prediction": build_tiny_sd(root / "tiny-v", seed=1, prediction_type="v_prediction"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> Path:
+    return tiny_models["epsilon"]
+
+
+def make_settings(home: Path, models_dir: Path, default_model: str | None = None) -> Settings:
+    return Settings(home=home, outputs_dir=home / "outputs", models_dirs=(models_dir,),
+                    device=torch.device("cpu"), dtype=torch.float32, default_model=default_model)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory, tiny_model) -> Engine:
+    home = tmp_path_factory.mktemp("home")
+    return Engine(make_settings(home, tiny_model.parent, default_model=str(tiny_model)))
+
+
+@pytest.fixture(scope="session")
+def v_engine(tmp_path_factory, tiny_models) -> Engine:
+    home = tmp_path_factory.mktemp("home-v")
+    return Engine(make_settings(home, tiny_models["v_prediction"].parent, str(tiny_models["v_prediction"])))
+
+
+def shapes_image(size: int = 64) -> Image.Image:
+    """A red disc on a blue background."""
+    im = Image.new("RGB", (size, size), (30, 60, 200))
+    ImageDraw.Draw(im).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 30, 30))
+    return im
+
+
+@pytest.fixture
+def init_image() -> Image.Image:
+    return shapes_image()

@@ -1,0 +1,104 @@
+"""The CLI through its entry points (`sdstudio` and `python -m sdstudio`): exit codes, messages, files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdstudio.engine.output import read_metadata
+
+from .conftest import shapes_image
+
+
+def run(args: list[str], cwd: Path, home: Path, entry: str = "module") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDSTUDIO_HOME": str(home), "SDSTUDIO_DEVICE": "cpu", "COLUMNS": "200"}
+    env.pop("SDSTUDIO_MODEL", None)
+    cmd = [sys.executable, "-m", "sdstudio"] if entry == "module" else [shutil.which("sdstudio")]
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model) -> Path:
+    """A folder with a home whose models folder holds the tiny model (so it can be named)."""
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model, tmp_path / "home" / "models" / "tiny")
+    return tmp_path
+
+
+def test_txt2img_writes_pngs_with_metadata_and_captures(workdir):
+    proc = run(["txt2img", "a red circle, small", "-m", "tiny", "--steps", "6", "--seed", "5", "--batch-size", "2",
+                "--capture-every", "3", "-n", "blurry", "--sampler", "Euler a"], workdir, workdir / "home",
+               entry="script")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    pngs = [Path(workdir, p) for p in lines if p.endswith(".png")]
+    assert [p.name for p in pngs] == ["00000-5.png", "00001-6.png"]
+    assert all(p.parent.parent.name == "txt2img-images" and p.parent.parent.parent.name == "outputs" for p in pngs)
+    meta = read_metadata(pngs[1])
+    assert meta.infotext.startswith("a red circle, small\nNegative prompt: blurry\nSteps: 6, Sampler: Euler a")
+    frames = Path(workdir, lines[lines.index(str(pngs[1].relative_to(workdir))) + 1])
+    assert sorted(p.name for p in frames.iterdir()) == [
+        "denoise.gif", "step-003-latents.png", "step-003-x0.png", "step-003-xt.png",
+        "step-006-latents.png", "step-006-x0.png", "step-006-xt.png"]
+    with Image.open(frames / "denoise.gif") as gif:
+        assert gif.n_frames == 2 and gif.size == (128, 64)
+    final = np.asarray(Image.open(frames / "step-006-xt.png"), np.int16)
+    assert np.abs(final - np.asarray(Image.open(pngs[1]), np.int16)).max() <= 1  # last frame is the image
+
+
+def test_img2img_and_info_and_rerun_from_image(workdir):
+    shapes_image().save(workdir / "init.png")
+    proc = run(["img2img", "init.png", "a blue square", "--strength", "0.6", "-m", "tiny", "--steps", "5",
+                "--seed", "9", "--batch-size", "2", "-o", "out"], workdir, workdir / "home")
+    assert proc.returncode == 0, proc.stderr
+    second = workdir / proc.stdout.split()[1]
+    assert second.parent.parent.name == "img2img-images"
+
+    info = run(["info", str(second)], workdir, workdir / "home")
+    assert info.returncode == 0
+    assert "Denoising strength: 0.6" in info.stdout and "seed: 10" in info.stdout
+
+    rerun = run(["img2img", "init.png", "--from-image", str(second), "-o", "again"], workdir, workdir / "home")
+    assert rerun.returncode == 0, rerun.stderr
+    again = workdir / rerun.stdout.split()[0]
+    assert again.name == "00000-10.png"
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(second)))
+
+    override = run(["img2img", "init.png", "--from-image", str(second), "--steps", "3", "-o", "again"],
+                   workdir, workdir / "home")
+    assert "Steps: 3," in read_metadata(workdir / override.stdout.split()[0]).infotext
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["txt2img", "x", "-m", "tiny", "-W", "500"], "error: width must be a multiple of 8, got 500"),
+    (["txt2img", "x", "-m", "tiny", "--sampler", "Euler b"], "error: unknown sampler 'Euler b'; valid samplers:"),
+    (["txt2img", "x", "-m", "nope"], "error: unknown model 'nope'"),
+    (["txt2img", "x"], "error: no model given"),
+    (["txt2img", "-m", "tiny"], "error: give a prompt"),
+    (["img2img", "missing.png", "x", "-m", "tiny"], "error: image not found: missing.png"),
+    (["img2img", "broken.png", "x", "-m", "tiny"], "error: cannot read image broken.png"),
+    (["txt2img", "x", "-m", "tiny", "--from-image", "broken.png"], "error: cannot read image broken.png"),
+    (["--dtype", "fp12", "txt2img", "x"], "error: dtype must be one of"),
+])
+def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
+    (workdir / "broken.png").write_bytes(b"not a png")
+    proc = run(args, workdir, workdir / "home")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "outputs").exists()
+
+
+def test_version_and_samplers(workdir):
+    from sdstudio import __version__
+
+    assert run(["--version"], workdir, workdir / "home").stdout.strip() == f"sdstudio {__version__}"
+    listing = run(["samplers"], workdir, workdir / "home").stdout
+    assert "DPM++ 2M SDE" in listing and "Karras" in listing
