@@ -20,7 +20,7 @@ from .conftest import shapes_image
 def run(args: list[str], cwd: Path, home: Path, entry: str = "module") -> subprocess.CompletedProcess:
     env = {**os.environ, "SDSTUDIO_HOME": str(home), "SDSTUDIO_DEVICE": "cpu", "COLUMNS": "200"}
     env.pop("SDSTUDIO_MODEL", None)
-    cmd = [sys.executable, "-m", "sdstudio"] if entry == "module" else [shutil.which("sdstudio")]
+    cmd = [sys.executable, "-m", "sdstudio"] if entry == "module" else [str(Path(sys.executable).parent / "sdstudio")]
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
