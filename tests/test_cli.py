@@ -80,7 +80,6 @@ def test_img2img_and_info_and_rerun_from_image(workdir):
     (["txt2img", "x", "-m", "tiny", "-W", "500"], "error: width must be a multiple of 8, got 500"),
     (["txt2img", "x", "-m", "tiny", "--sampler", "Euler b"], "error: unknown sampler 'Euler b'; valid samplers:"),
     (["txt2img", "x", "-m", "nope"], "error: unknown model 'nope'"),
-    (["txt2img", "x"], "error: no model given"),
     (["txt2img", "-m", "tiny"], "error: give a prompt"),
     (["img2img", "missing.png", "x", "-m", "tiny"], "error: image not found: missing.png"),
     (["img2img", "broken.png", "x", "-m", "tiny"], "error: cannot read image broken.png"),
@@ -102,3 +101,15 @@ def test_version_and_samplers(workdir):
     assert run(["--version"], workdir, workdir / "home").stdout.strip() == f"sdstudio {__version__}"
     listing = run(["samplers"], workdir, workdir / "home").stdout
     assert "DPM++ 2M SDE" in listing and "Karras" in listing
+
+
+def test_train_commands_write_data_and_name_bad_files(workdir):
+    proc = run(["train", "shapes-dataset", "data", "--count", "3", "--seed", "1"], workdir, workdir / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == [
+        "000000.png", "000000.txt", "000001.png", "000001.txt", "000002.png", "000002.txt"]
+    (workdir / "data" / "000002.txt").unlink()
+    proc = run(["train", "model", "data", "out", "--vae", "nowhere"], workdir, workdir / "home")
+    assert proc.returncode == 2
+    assert "error: missing caption for" in proc.stderr and "000002.png" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sdstudio import __version__
+from sdstudio.cli_train import app as train_app
 from sdstudio.engine.output import read_metadata, save_result
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import SdStudioError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sdstudio: Stable Diffusion from the command line.")
+app.add_typer(train_app, name="train")
 err = Console(stderr=True)
 
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
@@ -147,6 +149,38 @@ def samplers() -> None:
     typer.echo(f"\nSchedule types: {', '.join(SCHEDULE_TYPES)}")
 
 
+@app.command("eval-demo")
+def eval_demo(ctx: typer.Context, model: Model = None,
+              per_triple: Annotated[int, typer.Option(help="Images per held-out combination.")] = 4,
+              steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+              seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+              sheet: Annotated[Path | None, typer.Option(help="Save a contact sheet of the images here.")] = None,
+              check: Annotated[bool, typer.Option(help="Exit 1 if an accuracy is below its target.")] = False) -> None:
+    """Score a shapes model on caption combinations it never saw in training."""
+    from sdstudio.engine.engine import Engine
+    from sdstudio.train.evaluate import TARGETS, contact_sheet, evaluate
+
+    engine = Engine(_settings(ctx.obj, None))
+    _quiet_libraries()
+    with StepProgress() as bar:
+        try:
+            report = evaluate(engine, model, per_triple, steps, seed,
+                              on_image=lambda done, total: bar.advance(done, total))
+        except SdStudioError as e:
+            _fail(str(e))
+    typer.echo(f"{report.count} images from held-out combinations, {steps} steps")
+    failed = False
+    for attribute, target in TARGETS.items():
+        acc = report.accuracy(attribute)
+        failed |= acc < target
+        typer.echo(f"{attribute:>10}: {acc:6.1%}  (target {target:.0%}) {'ok' if acc >= target else 'BELOW TARGET'}")
+    if sheet:
+        contact_sheet(report.images).save(sheet)
+        typer.echo(str(sheet))
+    if check and failed:
+        raise typer.Exit(1)
+
+
 def _overrides(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -206,6 +240,9 @@ class StepProgress:
         self.bar.update(self.task, completed=event.iteration * event.steps + event.step,
                         total=event.steps * event.n_iter, rate=f"{speed:.1f} it/s" if speed else "",
                         description=f"batch {event.iteration + 1}/{event.n_iter}")
+
+    def advance(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total, description="images")
 
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+PACKAGED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
+DEMO_MODEL = "demo"
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -68,8 +71,9 @@ class Settings:
         """Defaults, overridden by SDSTUDIO_* environment variables, overridden by keyword arguments.
 
         SDSTUDIO_HOME (default ~/.sdstudio), SDSTUDIO_OUTPUTS (default ./outputs),
-        SDSTUDIO_MODELS (extra model folders, os.pathsep-separated), SDSTUDIO_MODEL,
-        SDSTUDIO_DEVICE (auto), SDSTUDIO_DTYPE (auto).
+        SDSTUDIO_MODELS (extra model folders, os.pathsep-separated), SDSTUDIO_MODEL (default: the
+        bundled demo model), SDSTUDIO_DEVICE (auto), SDSTUDIO_DTYPE (auto). Models are looked up in
+        <home>/models, then the SDSTUDIO_MODELS folders, then the models bundled with the package.
         """
         env = os.environ
         home = Path(env.get("SDSTUDIO_HOME", Path.home() / ".sdstudio")).expanduser()
@@ -78,9 +82,9 @@ class Settings:
         settings = cls(
             home=home,
             outputs_dir=Path(env.get("SDSTUDIO_OUTPUTS", "outputs")),
-            models_dirs=(home / "models", *extra),
+            models_dirs=(home / "models", *extra, PACKAGED_MODELS),
             device=device,
             dtype=resolve_dtype(env.get("SDSTUDIO_DTYPE", "auto"), device),
-            default_model=env.get("SDSTUDIO_MODEL") or None,
+            default_model=env.get("SDSTUDIO_MODEL") or DEMO_MODEL,
         )
         return replace(settings, **overrides)

@@ -8,6 +8,21 @@ from typing import Any
 
 import diffusers
 
+# SD1.x's scheduler config (runwayml/stable-diffusion-v1-5): scaled-linear betas 0.00085..0.012.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
+
 SD_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "feature_extractor": [None, None],

@@ -100,7 +100,7 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype, hashes: 
     kw = {"local_files_only": True}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(ref.path / "tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(ref.path / "text_encoder", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(ref.path / "text_encoder", dtype=dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(ref.path, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(ref.path, subfolder="vae", torch_dtype=dtype, **kw)
         scheduler_config = json.loads((ref.path / "scheduler" / "scheduler_config.json").read_text())

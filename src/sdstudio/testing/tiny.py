@@ -7,7 +7,6 @@ CLIP vocabulary without merges (256 byte symbols, the same with "</w>", start an
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -15,45 +14,13 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdstudio.models.layout import save_sd_folder
-
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars), strict=True))
+from sdstudio.models.clip_bpe import write_tokenizer_files
+from sdstudio.models.layout import SD15_SCHEDULER, save_sd_folder
 
 
 def byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                         model_max_length=77)
+    """CLIP's vocabulary without merges: any text tokenizes, ids are a prefix of the real ones."""
+    return CLIPTokenizer.from_pretrained(write_tokenizer_files(folder, merges=[]))
 
 
 def tiny_text_encoder(vocab_size: int, dim: int = 32) -> CLIPTextModel:
