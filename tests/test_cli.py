@@ -17,8 +17,9 @@ from sdstudio.engine.output import read_metadata
 from .conftest import shapes_image
 
 
-def run(args: list[str], cwd: Path, home: Path, entry: str = "module") -> subprocess.CompletedProcess:
-    env = {**os.environ, "SDSTUDIO_HOME": str(home), "SDSTUDIO_DEVICE": "cpu", "COLUMNS": "200"}
+def run(args: list[str], cwd: Path, home: Path, entry: str = "module",
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDSTUDIO_HOME": str(home), "SDSTUDIO_DEVICE": "cpu", "COLUMNS": "200", **(extra_env or {})}
     env.pop("SDSTUDIO_MODEL", None)
     cmd = [sys.executable, "-m", "sdstudio"] if entry == "module" else [str(Path(sys.executable).parent / "sdstudio")]
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

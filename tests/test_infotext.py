@@ -49,9 +49,8 @@ def test_reads_a1111_infotext_with_legacy_sampler_names():
         "prompt": "masterpiece, best quality, 1girl, (red hair:1.2), looking at viewer",
         "negative_prompt": "EasyNegative, lowres, bad anatomy",
         "steps": 28, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.5, "seed": 3520157236,
-        "width": 512, "height": 768, "model": "anything-v5", "strength": 0.55,
+        "width": 512, "height": 768, "model": "anything-v5", "strength": 0.55, "clip_skip": 2,
     }
-    assert parse_infotext(A1111_SAMPLE).params["Clip skip"] == "2"
 
 
 def test_prompt_only_infotext():

@@ -24,8 +24,8 @@ def diffusers_pipe(cls, model, scheduler_config):
     return pipe
 
 
-def generators(n: int) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(SEED + i) for i in range(n)]
+def generators(n: int, seed: int = SEED) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
 
 def engine_for(prediction, engine, v_engine):

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sdstudio import __version__
+from sdstudio.cli_common import err, fail, quiet_libraries, settings_from
+from sdstudio.cli_models import app as models_app
 from sdstudio.cli_train import app as train_app
 from sdstudio.engine.output import read_metadata, save_result
 from sdstudio.engine.requests import GenerationRequest
@@ -26,12 +25,11 @@ from sdstudio.storage.images import open_image
 
 if TYPE_CHECKING:
     from sdstudio.engine.hooks import ProgressEvent
-    from sdstudio.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sdstudio: Stable Diffusion from the command line.")
 app.add_typer(train_app, name="train")
-err = Console(stderr=True)
+app.add_typer(models_app, name="models")
 
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, or a model name.")]
@@ -46,6 +44,12 @@ Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batc
 NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. [default: 1]")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. [default: ./outputs]")]
 CaptureEvery = Annotated[int | None, typer.Option("--capture-every", help="Save the denoising process every N steps.")]
+ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Skip the last N-1 text-encoder layers "
+                                                                   "(A1111's Clip skip). [default: 1]")]
+Vae = Annotated[str | None, typer.Option("--vae", help="VAE: auto, none (the model's own), or a VAE file name/path.")]
+Rescale = Annotated[float | None, typer.Option("--guidance-rescale", help="Rescale-CFG phi, 0-1 (0.7 suits "
+                                                                         "v-prediction models). [default: 0]")]
+ZeroSnr = Annotated[bool | None, typer.Option("--zero-terminal-snr", help="Zero-terminal-SNR noise schedule.")]
 FromImage = Annotated[Path | None, typer.Option("--from-image", help="Re-run the parameters stored in this PNG.")]
 
 
@@ -54,12 +58,19 @@ def setup(
     ctx: typer.Context,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps or auto.", envvar="SDSTUDIO_DEVICE")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.", envvar="SDSTUDIO_DTYPE")] = "auto",
+    prediction: Annotated[str | None, typer.Option(help="epsilon or v_prediction: for SD 2.x single files whose "
+                                                   "type cannot be detected.")] = None,
+    offload: Annotated[str, typer.Option(help="none, model or sequential: CPU offload for small GPUs.",
+                                         envvar="SDSTUDIO_OFFLOAD")] = "none",
+    vae_tiling: Annotated[str, typer.Option(help="auto, on or off: tiled VAE for large images.",
+                                            envvar="SDSTUDIO_VAE_TILING")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the engine does.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=lambda v: _print_version(v))] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    ctx.obj = {"device": device, "dtype": dtype}
+    ctx.obj = {"device": device, "dtype": dtype, "prediction": prediction, "offload": offload,
+               "vae_tiling": vae_tiling}
 
 
 def _print_version(requested: bool) -> None:
@@ -68,15 +79,6 @@ def _print_version(requested: bool) -> None:
         raise typer.Exit()
 
 
-def _settings(options: dict[str, str], out: Path | None) -> Settings:
-    from sdstudio.settings import Settings, resolve_device, resolve_dtype  # deferred: imports torch
-
-    try:
-        device = resolve_device(options["device"])
-        settings = Settings.from_env(device=device, dtype=resolve_dtype(options["dtype"], device))
-    except (ValueError, RuntimeError) as e:
-        _fail(str(e))
-    return replace(settings, outputs_dir=out) if out is not None else settings
 
 
 @app.command()
@@ -85,11 +87,15 @@ def txt2img(ctx: typer.Context,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
-            capture_every: CaptureEvery = None, from_image: FromImage = None) -> None:
+            capture_every: CaptureEvery = None, clip_skip: ClipSkip = None, vae: Vae = None,
+            guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
+            from_image: FromImage = None) -> None:
     """Generate images from a prompt."""
     overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                            sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
-                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every)
+                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every,
+                           clip_skip=clip_skip, vae=vae, guidance_rescale=guidance_rescale,
+                           zero_terminal_snr=zero_terminal_snr)
     base = _fields_from_image(from_image) if from_image else {}
     base.pop("strength", None)
     _run(ctx.obj, _request(base, overrides), out)
@@ -103,16 +109,20 @@ def img2img(ctx: typer.Context,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
-            capture_every: CaptureEvery = None, from_image: FromImage = None) -> None:
+            capture_every: CaptureEvery = None, clip_skip: ClipSkip = None, vae: Vae = None,
+            guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
+            from_image: FromImage = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                            sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
-                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength)
+                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
+                           clip_skip=clip_skip, vae=vae, guidance_rescale=guidance_rescale,
+                           zero_terminal_snr=zero_terminal_snr)
     base = _fields_from_image(from_image) if from_image else {}
     try:
         init = open_image(image)
     except SdStudioError as e:
-        _fail(str(e))
+        fail(str(e))
     _run(ctx.obj, _request(base, {**overrides, "init_image": init}), out)
 
 
@@ -123,9 +133,9 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG made by sdstudio or A
     try:
         meta = read_metadata(image)
     except SdStudioError as e:
-        _fail(str(e))
+        fail(str(e))
     if meta.infotext is None and meta.record is None:
-        _fail(f"{image} has no generation parameters (no 'parameters' or 'sdstudio' text chunk)")
+        fail(f"{image} has no generation parameters (no 'parameters' or 'sdstudio' text chunk)")
     if as_json:
         typer.echo(json.dumps({"infotext": meta.infotext, "request": meta.request_fields(),
                                "record": meta.record}, indent=2))
@@ -160,14 +170,14 @@ def eval_demo(ctx: typer.Context, model: Model = None,
     from sdstudio.engine.engine import Engine
     from sdstudio.train.evaluate import TARGETS, contact_sheet, evaluate
 
-    engine = Engine(_settings(ctx.obj, None))
-    _quiet_libraries()
+    engine = Engine(settings_from(ctx.obj, None))
+    quiet_libraries()
     with StepProgress() as bar:
         try:
             report = evaluate(engine, model, per_triple, steps, seed,
                               on_image=lambda done, total: bar.advance(done, total))
         except SdStudioError as e:
-            _fail(str(e))
+            fail(str(e))
     typer.echo(f"{report.count} images from held-out combinations, {steps} steps")
     failed = False
     for attribute, target in TARGETS.items():
@@ -189,34 +199,34 @@ def _fields_from_image(path: Path) -> dict[str, Any]:
     try:
         fields = read_metadata(path).request_fields()
     except SdStudioError as e:
-        _fail(str(e))
+        fail(str(e))
     if not fields:
-        _fail(f"{path} has no generation parameters to re-run")
+        fail(f"{path} has no generation parameters to re-run")
     return fields
 
 
 def _request(base: dict[str, Any], overrides: dict[str, Any]) -> GenerationRequest:
     fields = {**base, **overrides}
     if not fields.get("prompt") and "init_image" not in fields:
-        _fail("give a prompt (or --from-image IMAGE to re-run one)")
+        fail("give a prompt (or --from-image IMAGE to re-run one)")
     try:
         return GenerationRequest(**fields)
     except TypeError as e:
-        _fail(f"invalid parameters: {e}")
+        fail(f"invalid parameters: {e}")
 
 
 def _run(options: dict[str, str], request: GenerationRequest, out: Path | None) -> None:
     from sdstudio.engine.engine import Engine
 
-    settings = _settings(options, out)
-    _quiet_libraries()
+    settings = settings_from(options, out)
+    quiet_libraries()
     with StepProgress() as bar:
         try:
             result = Engine(settings).generate(request, progress=bar.on_event)
         except SdStudioError as e:
-            _fail(str(e))
+            fail(str(e))
         except KeyboardInterrupt:
-            _fail("interrupted", code=130)
+            fail("interrupted", code=130)
     for saved in save_result(result, settings.outputs_dir):
         typer.echo(str(saved.path))
         if saved.capture_dir:
@@ -248,22 +258,8 @@ class StepProgress:
         self.bar.stop()
 
 
-def _quiet_libraries() -> None:
-    """Library progress bars and advisory warnings would drown ours; errors still show."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    # torchsde warns about float rounding of Brownian interval ends (1e-7), which DPM++ SDE always causes.
-    warnings.filterwarnings("ignore", message="Should have ta>=t0", module="torchsde")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -107,19 +107,37 @@ class SamplerChoice:
             config.update(SCHEDULE_CONFIGS[self.schedule])
         return config
 
-    def build(self, model_config: Mapping[str, Any], seeds: Sequence[int] = ()) -> Any:
+    @property
+    def supports_zero_snr(self) -> bool:
+        return "rescale_betas_zero_snr" in _init_parameters(self.sampler.scheduler_class)
+
+    def build(self, model_config: Mapping[str, Any], seeds: Sequence[int] = (), zero_snr: bool = False) -> Any:
         """A fresh scheduler (schedulers are stateful: one per batch).
 
         seeds: per-image seeds; DPM++ SDE draws its Brownian noise from one tree per image.
+        zero_snr: rescale betas to zero terminal SNR, with "trailing" timesteps so sampling starts at
+        t = T (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
         """
         import diffusers  # deferred: importing diffusers takes seconds
 
         cls = getattr(diffusers, self.sampler.scheduler_class)
-        accepted = inspect.signature(cls.__init__).parameters
+        accepted = _init_parameters(self.sampler.scheduler_class)
         config = {k: v for k, v in self.scheduler_config(model_config).items() if k in accepted}
         if "noise_sampler_seed" in accepted and seeds:
             config["noise_sampler_seed"] = list(seeds)
+        if zero_snr:
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         return cls.from_config(config)
+
+
+def _init_parameters(scheduler_class: str) -> Mapping[str, Any]:
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, scheduler_class).__init__).parameters
+
+
+def zero_snr_samplers() -> list[str]:
+    return [s.name for s in SAMPLERS if "rescale_betas_zero_snr" in _init_parameters(s.scheduler_class)]
 
 
 def split_legacy_name(name: str) -> tuple[str, str | None]:

@@ -60,6 +60,14 @@ class Settings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     default_model: str | None = None
+    prediction: str | None = None  # "epsilon" | "v_prediction": override for single files that cannot say
+    a1111_dir: Path | None = None    # an AUTOMATIC1111 install whose models/ and embeddings/ we also list
+    comfyui_dir: Path | None = None  # a ComfyUI install whose models/ we also list
+    hf_cache: Path | None = None     # the Hugging Face hub cache (diffusers folders downloaded earlier)
+    offload: str = "none"            # none | model | sequential: CPU offload for small GPUs
+    vae_tiling: str = "auto"         # auto (images over 4x the native area, or when offloading) | on | off
+    models_in_memory: int = 1        # loaded models kept (LRU) ...
+    memory_budget_gb: float | None = None  # ... and at most this many GB of weights
     limits: Limits = Limits()
 
     @property
@@ -72,8 +80,11 @@ class Settings:
 
         SDSTUDIO_HOME (default ~/.sdstudio), SDSTUDIO_OUTPUTS (default ./outputs),
         SDSTUDIO_MODELS (extra model folders, os.pathsep-separated), SDSTUDIO_MODEL (default: the
-        bundled demo model), SDSTUDIO_DEVICE (auto), SDSTUDIO_DTYPE (auto). Models are looked up in
-        <home>/models, then the SDSTUDIO_MODELS folders, then the models bundled with the package.
+        bundled demo model), SDSTUDIO_DEVICE (auto), SDSTUDIO_DTYPE (auto), SDSTUDIO_A1111 and
+        SDSTUDIO_COMFYUI (existing installs), HF_HUB_CACHE / HF_HOME (the Hugging Face cache),
+        SDSTUDIO_OFFLOAD, SDSTUDIO_VAE_TILING, SDSTUDIO_MODELS_IN_MEMORY, SDSTUDIO_MEMORY_BUDGET_GB. Models
+        are looked up in <home>/models, the SDSTUDIO_MODELS folders, the bundled models, then the
+        A1111, ComfyUI and Hugging Face folders.
         """
         env = os.environ
         home = Path(env.get("SDSTUDIO_HOME", Path.home() / ".sdstudio")).expanduser()
@@ -86,5 +97,22 @@ class Settings:
             device=device,
             dtype=resolve_dtype(env.get("SDSTUDIO_DTYPE", "auto"), device),
             default_model=env.get("SDSTUDIO_MODEL") or DEMO_MODEL,
+            a1111_dir=_path(env.get("SDSTUDIO_A1111")),
+            comfyui_dir=_path(env.get("SDSTUDIO_COMFYUI")),
+            hf_cache=_hf_cache(env),
+            offload=env.get("SDSTUDIO_OFFLOAD", "none"),
+            vae_tiling=env.get("SDSTUDIO_VAE_TILING", "auto"),
+            models_in_memory=int(env.get("SDSTUDIO_MODELS_IN_MEMORY", "1")),
+            memory_budget_gb=float(env["SDSTUDIO_MEMORY_BUDGET_GB"]) if env.get("SDSTUDIO_MEMORY_BUDGET_GB") else None,
         )
         return replace(settings, **overrides)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def _hf_cache(env: os._Environ | dict[str, str]) -> Path:
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    return Path(env.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"

@@ -6,15 +6,18 @@ import logging
 import time
 
 from sdstudio import __version__
+from sdstudio.engine.addons import AddOnLibrary
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.job import Job
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
+from sdstudio.engine.stages import set_vae_tiling
 from sdstudio.engine.validate import ModelGeometry, check_fields, resolve_request
 from sdstudio.errors import ModelError
 from sdstudio.models import catalog
 from sdstudio.models.catalog import ModelRef
 from sdstudio.models.hashing import HashCache
-from sdstudio.models.loader import LoadedModel, ModelManager
+from sdstudio.models.loader import LoadedModel, LoadOptions, ModelManager
+from sdstudio.models.vae import VaeCache, VaeChoice, find_vae
 from sdstudio.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,28 +28,47 @@ class Engine:
 
     def __init__(self, settings: Settings, models: ModelManager | None = None):
         self.settings = settings
-        self.models = models or ModelManager(settings.device, settings.dtype,
-                                             HashCache(settings.cache_dir / "hashes.json"))
+        options = LoadOptions(settings.device, settings.dtype, prediction=settings.prediction, offload=settings.offload)
+        budget = int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None
+        self.folders = catalog.model_folders(settings)
+        self.models = models or ModelManager(options, HashCache(settings.cache_dir / "hashes.json"),
+                                             settings.models_in_memory,
+                                             [folder for _, folder in self.folders.checkpoints], budget)
+        self.vaes = VaeCache(self.models.hashes)
+        self.addons = AddOnLibrary(self.folders.lora, self.folders.embeddings, self.models.hashes)
 
     def model_ref(self, name: str | None = None) -> ModelRef:
         name = name or self.settings.default_model
         if not name:
-            raise ModelError("no model given: pass a diffusers model folder (or the name of one in "
-                             f"{', '.join(str(d) for d in self.settings.models_dirs)}) as the model")
-        return catalog.resolve(name, self.settings.models_dirs)
+            raise ModelError("no model given: pass a model (a name from `sdstudio models list`, a diffusers "
+                             "folder or a .safetensors file)")
+        return catalog.resolve(name, self.folders, self.models.hashes.known())
 
     def load(self, name: str | None = None) -> LoadedModel:
         return self.models.get(self.model_ref(name))
+
+    def vae_for(self, model: LoadedModel, wanted: str | None) -> VaeChoice | None:
+        path = find_vae(wanted, model.ref, self.folders.vae)
+        return self.vaes.get(path, model.vae) if path else None
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         """Run a txt2img/img2img request; raises RequestError/ModelError for bad input, Cancelled."""
         start = time.perf_counter()
         check_fields(request, self.settings.limits)  # fail fast, before loading a model
+        addons = self.addons.resolve(request.prompt, request.negative_prompt)
         model = self.load(request.model)
+        if model.unet.config.in_channels != model.latent_channels:
+            raise ModelError(f"{model.name} is an inpainting model ({model.unet.config.in_channels}-channel UNet): it "
+                             "needs an image and a mask, and inpainting is not available yet; use a text-to-image "
+                             "model")
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size)
         req, choice = resolve_request(request, geometry, self.settings.limits, model.name)
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
-        images, latents = Job(model, req, choice, __version__, progress, cancel).run()
+        vae = self.vae_for(model, req.vae)
+        job = Job(model, req, choice, __version__, progress, cancel, vae, addons)
+        set_vae_tiling(job.vae, self.settings.vae_tiling, req, model)
+        with addons.applied(model):
+            images, latents = job.run()
         return GenerationResult(req, images, latents, time.perf_counter() - start)

@@ -46,7 +46,7 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
 
 
 def generation_params(req: GenerationRequest, seed: int, model_hash: str, version: str,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, vae: tuple[str, str] | None = None) -> dict[str, Any]:
     """A1111's keys, in A1111's order, for one image of a resolved request."""
     return {
         "Steps": req.steps,
@@ -57,7 +57,12 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Size": f"{req.width}x{req.height}",
         "Model hash": model_hash,
         "Model": req.model,
+        "VAE hash": vae[1] if vae else None,
+        "VAE": vae[0] if vae else None,
         "Denoising strength": req.strength if req.mode == "img2img" else None,
+        "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "CFG Rescale phi": req.guidance_rescale or None,
+        "Noise Schedule": "Zero Terminal SNR" if req.zero_terminal_snr else None,
         **(extra or {}),
         "Version": f"sdstudio {version}",
     }
@@ -108,13 +113,16 @@ def request_fields(info: Infotext) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
     conversions = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Model": ("model", str),
-                   "Denoising strength": ("strength", float)}
+                   "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+                   "VAE": ("vae", str), "CFG Rescale phi": ("guidance_rescale", float)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:
                 fields[name] = convert(p[key])
             except ValueError:
                 continue
+    if p.get("Noise Schedule") == "Zero Terminal SNR":
+        fields["zero_terminal_snr"] = True
     if "Sampler" in p:
         sampler, legacy_schedule = split_legacy_name(p["Sampler"])
         fields["sampler"] = sampler

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sdstudio.engine import infotext as a1111
+from sdstudio.engine.addons import AddOns
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
 from sdstudio.engine.loop import Plan, denoise
@@ -28,8 +29,9 @@ from sdstudio.engine.stages import (
     to_pil,
 )
 from sdstudio.models.loader import LoadedModel
-from sdstudio.prompts.conditioning import GuidedConditioning, StaticCond, TextConditioning
-from sdstudio.prompts.encode import PromptEncoder
+from sdstudio.models.vae import VaeChoice
+from sdstudio.prompts.conditioning import GuidedConditioning, StaticCond, TextConditioning, xl_time_ids
+from sdstudio.prompts.encode import EncodedPrompt, PromptEncoder
 from sdstudio.samplers import SamplerChoice
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,12 @@ class BatchOutput:
 
 class Job:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
-                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                 vae: VaeChoice | None = None, addons: AddOns | None = None):
         self.model, self.req, self.choice, self.version = model, req, choice, version
-        self.progress, self.cancel = progress, cancel
+        self.progress, self.cancel, self.vae_choice = progress, cancel, vae
+        self.addons = addons or AddOns(req.prompt, req.negative_prompt)
+        self.vae = vae.vae if vae else model.vae
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
         req, model = self.req, self.model
@@ -60,7 +65,7 @@ class Job:
             first = iteration * req.batch_size
             seeds = [req.seed + first + k for k in range(req.batch_size)]
             out = self.run_batch(iteration, seeds, cond, init)
-            pictures = to_pil(decode_latents(model.vae, out.latents), model.vae_scale_factor)
+            pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
             for k, picture in enumerate(pictures):
                 capture = out.captures[k] if out.captures else None
                 images.append(self.describe(picture, first + k, seeds[k], out.scheduler_config, capture))
@@ -68,13 +73,38 @@ class Job:
         return images, torch.cat(all_latents)
 
     def conditioning(self) -> GuidedConditioning:
-        encoder = self.model.memo.get("prompt_encoder")
-        if encoder is None:
-            encoder = self.model.memo["prompt_encoder"] = PromptEncoder(self.model.tokenizer,
-                                                                        self.model.text_encoder)
-        positive = TextConditioning(encoder(self.req.prompt).to(self.model.dtype))
-        negative = TextConditioning(encoder(self.req.negative_prompt).to(self.model.dtype))
-        return GuidedConditioning(positive, negative)
+        req, model = self.req, self.model
+        encoder = self.prompt_encoder()
+        positive, negative = encoder(self.addons.prompt), encoder(self.addons.negative_prompt)
+        if model.is_xl and not req.negative_prompt and model.options.get("force_zeros_for_empty_prompt", True):
+            negative = EncodedPrompt(torch.zeros_like(positive.embeds), torch.zeros_like(positive.pooled))
+        ids = self.time_ids() if model.is_xl else (None, None)
+        return GuidedConditioning(self.text_cond(positive, ids[0]), self.text_cond(negative, ids[1]))
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """Cached per model and clip skip; LoRAs and embeddings change the encoders, so then a fresh one."""
+        if self.addons.changes_text_encoders:
+            return PromptEncoder(self.model.text, self.req.clip_skip)
+        key = f"prompt_encoder/clip_skip={self.req.clip_skip}"
+        if key not in self.model.memo:
+            self.model.memo[key] = PromptEncoder(self.model.text, self.req.clip_skip)
+        return self.model.memo[key]
+
+    def text_cond(self, encoded: EncodedPrompt, time_ids: Tensor | None) -> TextConditioning:
+        def place(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(self.model.device, self.model.dtype)
+
+        return TextConditioning(place(encoded.embeds), place(encoded.pooled), place(time_ids))
+
+    def time_ids(self) -> tuple[Tensor, Tensor]:
+        """SDXL micro-conditioning rows for the positive and negative branch."""
+        req, unet = self.req, self.model.unet
+        pooled_dim = self.model.text.encoders[-1].config.projection_dim
+        count = (unet.config.projection_class_embeddings_input_dim - pooled_dim) // unet.config.addition_time_embed_dim
+        width, height = req.original_size or (req.width, req.height)
+        left, top = req.crop_left_top
+        args = ((height, width), (top, left), (req.height, req.width), count)
+        return xl_time_ids(*args, req.aesthetic_score), xl_time_ids(*args, req.negative_aesthetic_score)
 
     def init_latents(self) -> Tensor | None:
         req = self.req
@@ -83,12 +113,12 @@ class Job:
         if int(req.steps * req.strength) == 0:
             log.warning("strength %s over %d steps denoises nothing: the init image comes back",
                         req.strength, req.steps)
-        return encode_image(self.model.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
+        return encode_image(self.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
 
     def run_batch(self, iteration: int, seeds: list[int], cond: GuidedConditioning,
                   init: Tensor | None) -> BatchOutput:
         req, model = self.req, self.model
-        scheduler = self.choice.build(model.scheduler_config, seeds)
+        scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr)
         strength = req.strength if init is not None else None
         timesteps = set_timesteps(scheduler, req.steps, strength, model.device)
         generators = make_generators(seeds)
@@ -101,13 +131,14 @@ class Job:
             timesteps=timesteps,
             cond=StaticCond(GuidedConditioning(cond.positive.repeat(batch), cond.negative.repeat(batch))),
             cfg_scale=float(req.cfg_scale),
+            guidance_rescale=float(req.guidance_rescale),
             step_kwargs=step_kwargs(scheduler, generators),
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),
                       capture])
         latents = denoise(model.unet, scheduler, plan, hook)
-        captures = capture.render(model.vae, f) if capture else []
+        captures = capture.render(self.vae, f) if capture else []
         return BatchOutput(latents, captures, json.loads(scheduler.to_json_string()))
 
     def progress_hook(self, iteration: int, total: int) -> StepHook | None:
@@ -122,23 +153,25 @@ class Job:
         return hook
 
     def latent_rgb(self) -> LatentRGB:
-        memo = self.model.memo
-        if "latent_rgb" not in memo:
-            memo["latent_rgb"] = fit_latent_rgb(self.model.vae, self.model.vae_scale_factor)
-        return memo["latent_rgb"]
+        memo, key = self.model.memo, f"latent_rgb/{id(self.vae)}"
+        if key not in memo:
+            memo[key] = fit_latent_rgb(self.vae, self.model.vae_scale_factor)
+        return memo[key]
 
     def describe(self, picture, index: int, seed: int, scheduler_config: dict[str, Any],
                  capture: Capture | None) -> GeneratedImage:
         req, model = self.req, self.model
-        params = a1111.generation_params(req, seed, model.short_hash, self.version)
+        vae = (self.vae_choice.name, self.vae_choice.hash) if self.vae_choice else None
+        params = a1111.generation_params(req, seed, model.short_hash, self.version, self.addons.infotext(), vae)
         text = a1111.format_infotext(req.prompt, req.negative_prompt, params)
         record = image_record(
             req, index, seed,
-            model={"name": model.name, "sha256": model.sha256, "hash": model.short_hash,
-                   "prediction_type": model.prediction_type},
+            model={"name": model.name, "sha256": model.sha256, "hash": model.short_hash, "family": model.family,
+                   "prediction_type": model.prediction_type, "vae": vae and {"name": vae[0], "hash": vae[1]}},
             sampler={"name": req.sampler, "schedule": req.schedule,
                      "scheduler": self.choice.sampler.scheduler_class, "config": scheduler_config},
             env=environment(model.device, model.dtype),
+            addons=self.addons.record(),
         )
         picture.info["parameters"] = text
         return GeneratedImage(picture, index, seed, text, record, capture)

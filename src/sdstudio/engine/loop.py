@@ -28,6 +28,7 @@ class Plan:
     timesteps: Tensor               # (S,) the scheduler's timesteps, already cut by strength
     cond: CondProvider              # cond.at(i): positive/negative conditioning for evaluation i
     cfg_scale: float
+    guidance_rescale: float = 0.0   # rescale-CFG phi; 0: plain CFG
     step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
 
     @property
@@ -48,11 +49,21 @@ def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None)
         if plan.guided:
             uncond, text = out.chunk(2)
             out = uncond + plan.cfg_scale * (text - uncond)
+            if plan.guidance_rescale > 0:
+                out = rescale_cfg(out, text, plan.guidance_rescale)
         x = scheduler.step(out, t, x, **plan.step_kwargs, return_dict=False)[0]
         if hook is not None:
             x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)
             hook(StepState(i, total, t, x, x0))
     return x
+
+
+def rescale_cfg(guided: Tensor, text: Tensor, phi: float) -> Tensor:
+    """Rescaled CFG (Lin et al. 2023, sec. 3.4): match the guided output's per-image std to the
+    conditional branch's, then mix: phi * guided * std(text) / std(guided) + (1 - phi) * guided."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
 
 
 def alpha_bar(scheduler: Any, t: Tensor) -> Tensor:

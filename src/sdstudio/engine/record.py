@@ -34,7 +34,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def image_record(req: GenerationRequest, index: int, seed: int, model: dict[str, Any],
-                 sampler: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+                 sampler: dict[str, Any], env: dict[str, Any], addons: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": RECORD_FORMAT,
         "request": req.to_dict(),
@@ -42,6 +42,7 @@ def image_record(req: GenerationRequest, index: int, seed: int, model: dict[str,
         "model": model,
         "sampler": sampler,
         "environment": env,
+        **({"addons": addons} if addons else {}),
     }
 
 

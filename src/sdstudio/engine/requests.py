@@ -40,6 +40,16 @@ class GenerationRequest:
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)
     strength: float = 0.75
     capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
+    clip_skip: int = 1      # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before...
+    vae: str | None = None  # None/"auto": the model's own VAE; "none" likewise; or a VAE file's name or path
+    guidance_rescale: float = 0.0    # rescale-CFG phi (Lin et al. 2023, sec. 3.4); 0 is plain CFG
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (ibid. sec. 3.1)
+    # SDXL micro-conditioning (ignored by SD1/SD2): original size (None: the output size) and crop, as
+    # (width, height) and (left, top); the refiner's aesthetic scores for the positive/negative branch.
+    original_size: tuple[int, int] | None = None
+    crop_left_top: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def mode(self) -> str:
@@ -69,7 +79,11 @@ class GenerationRequest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         """The inverse of to_dict for every field except the init image (supply it separately)."""
-        return cls(**{k: v for k, v in data.items() if k in cls.field_names()})
+        fields = {k: v for k, v in data.items() if k in cls.field_names()}
+        for name in ("original_size", "crop_left_top"):  # JSON has no tuples
+            if isinstance(fields.get(name), list):
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
 
 
 def image_sha256(image: Image.Image) -> str:

@@ -93,3 +93,17 @@ def decode_latents(vae: Any, latents: Tensor) -> Tensor:
 def to_pil(images: Tensor, factor: int) -> list[Image.Image]:
     """[-1, 1] tensors (B, 3, H, W) to 8-bit RGB images (x+1)/2 * 255, rounded."""
     return image_processor(factor).postprocess(images.float().cpu(), output_type="pil")
+
+
+def set_vae_tiling(vae: Any, policy: str, req: Any, model: Any) -> bool:
+    """Tiled VAE encode/decode (diffusers' `enable_tiling`: overlapping tiles, blended seams) bounds the
+    VAE's activation memory for large images. auto: tile above 4x the native area or when offloading."""
+    if policy not in ("auto", "on", "off"):
+        raise ValueError(f"vae_tiling must be auto, on or off, got {policy!r}")
+    big = req.width * req.height > 4 * model.native_size ** 2
+    tile = policy == "on" or (policy == "auto" and (big or model.memo.get("offload", "none") != "none"))
+    if tile:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    return tile

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import RequestError
-from sdstudio.samplers import SamplerChoice, resolve_sampler
+from sdstudio.samplers import SamplerChoice, resolve_sampler, zero_snr_samplers
 from sdstudio.settings import Limits
 
 MAX_SEED = 2**63 - 1
@@ -34,7 +34,21 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     _check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
-    return resolve_sampler(req.sampler, req.schedule)
+    _check_int(req.clip_skip, "clip_skip", 1, 12)
+    if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
+        raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",
+                           "guidance_rescale")
+    _check_pair(req.original_size, "original_size", "(width, height)", 1, allow_none=True)
+    _check_pair(req.crop_left_top, "crop_left_top", "(left, top)", 0)
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if not isinstance(getattr(req, name), int | float):
+            raise RequestError(f"{name} must be a number, got {getattr(req, name)!r}", name)
+    choice = resolve_sampler(req.sampler, req.schedule)
+    if req.zero_terminal_snr and not choice.supports_zero_snr:
+        raise RequestError(f"zero_terminal_snr needs a sampler whose schedule can reach zero SNR; "
+                           f"{choice.sampler.name!r} cannot. Use one of: {', '.join(zero_snr_samplers())}",
+                           "zero_terminal_snr")
+    return choice
 
 
 def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Limits,
@@ -68,3 +82,12 @@ def _check_int(value: object, name: str, lo: int, hi: int) -> None:
         raise RequestError(f"{name} must be a whole number, got {value!r}", name)
     if not lo <= value <= hi:
         raise RequestError(f"{name} must be between {lo} and {hi}, got {value}", name)
+
+
+def _check_pair(value: object, name: str, what: str, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, tuple | list) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
+    if not ok:
+        raise RequestError(f"{name} must be two whole numbers {what} >= {low}, got {value!r}", name)

@@ -1,15 +1,24 @@
-"""Finding models: a path, or a name looked up in the configured model folders."""
+"""Finding models: our folders, an existing A1111 or ComfyUI install, and the Hugging Face cache.
+
+A model is a diffusers folder (with model_index.json), a single checkpoint file (.safetensors,
+.ckpt), or a merge recipe (<name>.merge.json, computed when loaded). Users choose one by path, by name
+(with or without extension), by A1111 title ("name [hash]") or by short hash.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import difflib
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdstudio.errors import ModelError
+from sdstudio.settings import Settings
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+RECIPE_SUFFIX = ".merge.json"
+_TITLE = re.compile(r"^(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 
 
 @dataclass(frozen=True)
@@ -18,58 +27,119 @@ class ModelRef:
 
     name: str
     path: Path
+    source: str = "path"  # which configured folder it was found in
 
     @property
-    def is_diffusers_folder(self) -> bool:
-        return (self.path / "model_index.json").is_file()
+    def kind(self) -> str:
+        if self.path.is_dir():
+            return "diffusers"
+        return "recipe" if self.path.name.endswith(RECIPE_SUFFIX) else "file"
 
 
-def is_model_folder(path: Path) -> bool:
-    return (path / "model_index.json").is_file()
+@dataclass(frozen=True)
+class ModelFolders:
+    """Where each kind of file is looked for, in order (see `model_folders`)."""
+
+    checkpoints: tuple[tuple[str, Path], ...]   # (source label, folder)
+    vae: tuple[Path, ...] = ()
+    lora: tuple[Path, ...] = ()
+    embeddings: tuple[Path, ...] = ()
+    hf_cache: Path | None = None
 
 
-def scan(models_dirs: Sequence[Path]) -> list[ModelRef]:
-    """Models directly inside the given folders: diffusers folders and single files."""
-    found: list[ModelRef] = []
-    for root in models_dirs:
-        if not root.is_dir():
-            continue
-        for entry in sorted(root.iterdir()):
-            if is_model_folder(entry) or (entry.is_file() and entry.suffix in SINGLE_FILE_SUFFIXES):
-                found.append(ModelRef(entry.stem if entry.is_file() else entry.name, entry))
+def model_folders(settings: Settings) -> ModelFolders:
+    """Our folders first, then an A1111 install (models/Stable-diffusion, models/VAE, models/Lora,
+    embeddings/) and a ComfyUI install (models/checkpoints, models/vae, models/loras, models/embeddings)."""
+    a1111, comfy, home = settings.a1111_dir, settings.comfyui_dir, settings.home
+    checkpoints = [("sdstudio", p) for p in settings.models_dirs]
+    vae, lora, embeddings = [home / "vae"], [home / "lora"], [home / "embeddings"]
+    if a1111:
+        checkpoints.append(("a1111", a1111 / "models" / "Stable-diffusion"))
+        vae.append(a1111 / "models" / "VAE")
+        lora += [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
+        embeddings.append(a1111 / "embeddings")
+    if comfy:
+        checkpoints += [("comfyui", comfy / "models" / "checkpoints"), ("comfyui", comfy / "models" / "diffusers")]
+        vae.append(comfy / "models" / "vae")
+        lora.append(comfy / "models" / "loras")
+        embeddings.append(comfy / "models" / "embeddings")
+    return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache)
+
+
+def model_name(path: Path) -> str:
+    if path.name.endswith(RECIPE_SUFFIX):
+        return path.name[: -len(RECIPE_SUFFIX)]
+    return path.stem if path.is_file() else path.name
+
+
+def is_model(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    return path.is_file() and (path.suffix in CHECKPOINT_SUFFIXES or path.name.endswith(RECIPE_SUFFIX))
+
+
+def scan(folders: ModelFolders | Sequence[Path]) -> list[ModelRef]:
+    """Every model in the configured folders (checkpoint folders searched one level deep, like A1111)."""
+    if not isinstance(folders, ModelFolders):
+        folders = ModelFolders(tuple(("models", Path(p)) for p in folders))
+    found = [ModelRef(model_name(p), p, source) for source, root in folders.checkpoints for p in _walk(root)]
+    found += list(_hf_cache_models(folders.hf_cache))
     return found
 
 
-def resolve(name_or_path: str, models_dirs: Sequence[Path]) -> ModelRef:
-    """A path to a model, or the name of one in `models_dirs` (with or without its file extension)."""
+def _walk(root: Path) -> Iterator[Path]:
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        if is_model(entry):
+            yield entry
+        elif entry.is_dir() and not entry.name.startswith("."):
+            yield from (p for p in sorted(entry.iterdir()) if is_model(p))
+
+
+def _hf_cache_models(cache: Path | None) -> Iterator[ModelRef]:
+    """Hugging Face hub cache: models--<org>--<name>/snapshots/<revision>/model_index.json."""
+    if cache is None or not cache.is_dir():
+        return
+    for repo in sorted(cache.glob("models--*")):
+        snapshots = sorted((repo / "snapshots").glob("*/model_index.json"), key=lambda p: p.stat().st_mtime)
+        if snapshots:
+            yield ModelRef(repo.name.removeprefix("models--").replace("--", "/"), snapshots[-1].parent, "hf-cache")
+
+
+def resolve(name_or_path: str, folders: ModelFolders | Sequence[Path],
+            hash_of: dict[str, str] | None = None) -> ModelRef:
+    """A path, a name, an A1111 title "name [hash]", or a short hash (matched in `hash_of`: path -> hash)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _check(ModelRef(path.stem if path.is_file() else path.resolve().name, path))
-    wanted = name_or_path.strip().lower()
-    known = scan(models_dirs)
+        return _check(ModelRef(model_name(path), path))
+    text = name_or_path.strip()
+    title = _TITLE.match(text)
+    known = scan(folders)
+    wanted = (title["name"] if title else text).lower()
     for ref in known:
         if wanted in (ref.name.lower(), ref.path.name.lower()):
             return _check(ref)
-    names = ", ".join(r.name for r in known) or "none"
-    folders = ", ".join(str(d) for d in models_dirs)
-    raise ModelError(
-        f"unknown model {name_or_path!r}: not a path, and no model of that name in {folders}. "
-        f"Available models: {names}"
-    )
+    digest = (title["hash"] if title else text).lower()
+    if hash_of and re.fullmatch(r"[0-9a-f]{8,64}", digest):
+        for ref in known:
+            if hash_of.get(str(ref.path.resolve()), "").startswith(digest):
+                return _check(ref)
+    raise ModelError(unknown_message(name_or_path, known))
+
+
+def unknown_message(name: str, known: list[ModelRef]) -> str:
+    names = [r.name for r in known]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    listing = ", ".join(names) if names else "none found"
+    return f"unknown model {name!r}: not a path, a known name or a hash.{hint} Available: {listing}"
 
 
 def _check(ref: ModelRef) -> ModelRef:
-    if ref.path.is_file():
-        if ref.path.suffix in SINGLE_FILE_SUFFIXES:
-            raise ModelError(
-                f"{ref.path.name} is a single-file checkpoint; this version loads diffusers folders "
-                "(a folder with model_index.json) only. Single-file loading arrives with model support."
-            )
-        raise ModelError(f"{ref.path} is not a model: expected a diffusers folder with model_index.json")
-    if not ref.is_diffusers_folder:
+    if ref.path.is_dir() and not (ref.path / "model_index.json").is_file():
         raise ModelError(f"{ref.path} is not a model folder: it has no model_index.json")
-    try:
-        json.loads((ref.path / "model_index.json").read_text())
-    except ValueError as e:
-        raise ModelError(f"{ref.path / 'model_index.json'} is not valid JSON: {e}") from None
+    if ref.path.is_file() and not is_model(ref.path):
+        raise ModelError(f"{ref.path} is not a model: expected a diffusers folder, a .safetensors/.ckpt "
+                         f"checkpoint or a {RECIPE_SUFFIX} merge recipe")
     return ref

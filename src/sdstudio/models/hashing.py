@@ -51,6 +51,10 @@ class HashCache:
         self._save()
         return digest
 
+    def known(self) -> dict[str, str]:
+        """Resolved file path -> full sha256, for everything hashed so far."""
+        return {path: entry["sha256"] for path, entry in self._load().items()}
+
     def model_sha256(self, path: Path) -> str:
         if path.is_file():
             return self.file_sha256(path)

@@ -53,3 +53,33 @@ def save_sd_folder(path: Path, *, tokenizer: Any, text_encoder: Any, unet: Any, 
                  scheduler=["diffusers", scheduler["_class_name"]])
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+PIPELINE_CLASSES = {
+    "sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sd2-v": "StableDiffusionPipeline",
+    "sd1-inpaint": "StableDiffusionInpaintPipeline", "sd2-inpaint": "StableDiffusionInpaintPipeline",
+    "sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+    "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
+}
+
+
+def save_parts(path: Path, parts: Any, dtype: Any) -> Path:
+    """Any family's loaded parts (`loader.Parts`) as a diffusers folder in `dtype`."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = [("tokenizer_2", "text_encoder_2")] if parts.family == "sdxl-refiner" else \
+        [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")][: len(parts.text.encoders)]
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASSES[parts.family], "_diffusers_version": diffusers.__version__,
+                             "tokenizer": [None, None], "text_encoder": [None, None], **parts.options}
+    for (tok_name, enc_name), tok, enc in zip(names, parts.text.tokenizers, parts.text.encoders, strict=True):
+        tok.save_pretrained(path / tok_name)
+        enc.to(dtype).save_pretrained(path / enc_name, safe_serialization=True)
+        index[tok_name], index[enc_name] = ["transformers", "CLIPTokenizer"], ["transformers", type(enc).__name__]
+    for name in ("unet", "vae"):
+        getattr(parts, name).to(dtype).save_pretrained(path / name, safe_serialization=True)
+        index[name] = ["diffusers", type(getattr(parts, name)).__name__]
+    scheduler = {"_class_name": "PNDMScheduler", **parts.scheduler_config}
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

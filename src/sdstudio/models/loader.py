@@ -1,47 +1,48 @@
-"""Loading a Stable Diffusion model (diffusers folder layout) into its components."""
+"""Loading a Stable Diffusion model (a diffusers folder or a single LDM-layout file) into components."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdstudio.errors import ModelError
 from sdstudio.models.catalog import ModelRef
+from sdstudio.models.configs import config_dir, load_tokenizer
+from sdstudio.models.families import FAMILY_INFO
 from sdstudio.models.hashing import HashCache, short_hash
+from sdstudio.models.ldm_layout import read_family_from_folder
+from sdstudio.models.memory import module_bytes, place
+from sdstudio.prompts.encode import TextEncoders
 
 log = logging.getLogger(__name__)
 
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-LATER_PIPELINES = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner",
-    "StableDiffusionInpaintPipeline": "inpainting checkpoints",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
-    "StableDiffusionUpscalePipeline": "the x4 upscaler",
-}
+TEXT_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+TEXT_PARTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
 @dataclass(eq=False)
 class LoadedModel:
-    """The five parts of a Stable Diffusion model, on one device in one dtype."""
+    """The parts of a Stable Diffusion model, on one device in one dtype."""
 
     ref: ModelRef
     sha256: str
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    family: str
+    text: TextEncoders
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    options: dict[str, Any] = field(default_factory=dict)  # model_index flags (force_zeros_for_empty_prompt...)
     memo: dict[str, Any] = field(default_factory=dict)  # derived data computed once per model
 
     @property
@@ -51,6 +52,18 @@ class LoadedModel:
     @property
     def short_hash(self) -> str:
         return short_hash(self.sha256)
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text.style == "sdxl"
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.text.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text.encoders[0]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -76,57 +89,143 @@ class LoadedModel:
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
 
-def read_model_index(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "model_index.json").read_text())
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load: placement, plus overrides for what a single file cannot say about itself."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    prediction: str | None = None   # "epsilon" | "v_prediction": overrides the config's
+    family: str | None = None       # skip detection
+    config: Path | None = None      # a diffusers folder to take configs/tokenizers from
+    offload: str = "none"           # none | model | sequential (see models/memory.py)
 
 
-def check_supported(ref: ModelRef, index: dict[str, Any]) -> None:
-    cls = index.get("_class_name", "?")
-    if cls in LATER_PIPELINES:
-        raise ModelError(
-            f"{ref.name} is a {cls} model; {LATER_PIPELINES[cls]} is not supported by this version yet"
-        )
-    if cls not in SD_PIPELINES:
-        raise ModelError(f"{ref.name}: unsupported pipeline {cls!r}; expected one of {', '.join(SD_PIPELINES)}")
-    missing = [c for c in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (ref.path / c).is_dir()]
-    if missing:
-        raise ModelError(f"{ref.name} is incomplete: missing component folder(s) {', '.join(missing)}")
-
-
-def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype, hashes: HashCache) -> LoadedModel:
-    """Load a diffusers-layout SD model from disk, offline."""
-    check_supported(ref, read_model_index(ref.path))
-    log.info("loading %s from %s", ref.name, ref.path)
-    kw = {"local_files_only": True}
+def read_json(path: Path) -> dict[str, Any]:
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(ref.path / "tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(ref.path / "text_encoder", dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(ref.path, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(ref.path, subfolder="vae", torch_dtype=dtype, **kw)
-        scheduler_config = json.loads((ref.path / "scheduler" / "scheduler_config.json").read_text())
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+
+
+def load_model(ref: ModelRef, options: LoadOptions, hashes: HashCache,
+               models_dirs: Sequence[Path] = ()) -> LoadedModel:
+    """Load a diffusers folder, a single checkpoint file or a merge recipe, offline."""
+    if ref.path.is_file():
+        from sdstudio.models.single_file import load_single_file
+
+        parts = load_single_file(ref, options, models_dirs)
+    else:
+        parts = load_folder(ref.path, options)
+    log.info("loaded %s (%s)", ref.name, parts.family)
+    modules = (*parts.text.encoders, parts.unet, parts.vae)
+    for module in modules:
+        if next(module.parameters()).dtype != options.dtype:
+            module.to(dtype=options.dtype)
+        module.eval().requires_grad_(False)
+    offload = place(modules, options.device, options.offload)
+    model = LoadedModel(ref, hashes.model_sha256(ref.path), parts.family, parts.text, parts.unet, parts.vae,
+                        parts.scheduler_config, options.device, options.dtype, parts.options)
+    model.memo["offload"] = offload
+    return model
+
+
+@dataclass(frozen=True)
+class Parts:
+    family: str
+    text: TextEncoders
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    options: dict[str, Any]
+
+
+def load_folder(folder: Path, options: LoadOptions) -> Parts:
+    index = read_json(folder / "model_index.json")
+    family = options.family or read_family_from_folder(folder)
+    kw = {"local_files_only": True, "torch_dtype": options.dtype}
+    try:
+        tokenizers, encoders = [], []
+        for tok_name, enc_name in TEXT_PARTS:
+            if (index.get(enc_name) or [None, None])[1] is None:
+                continue
+            cls = TEXT_CLASSES[index[enc_name][1]]
+            tokenizers.append(CLIPTokenizer.from_pretrained(folder / tok_name, local_files_only=True))
+            encoders.append(cls.from_pretrained(folder / enc_name, dtype=options.dtype, local_files_only=True))
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load {ref.name} from {ref.path}: {e}") from e
-    for module in (text_encoder, unet, vae):
-        module.to(device).eval().requires_grad_(False)
-    return LoadedModel(ref, hashes.model_sha256(ref.path), tokenizer, text_encoder, unet, vae,
-                       scheduler_config, device, dtype)
+        raise ModelError(f"cannot load {folder}: {e}") from e
+    scheduler = scheduler_config(folder, options.prediction)
+    return Parts(family, TextEncoders(tuple(tokenizers), tuple(encoders), FAMILY_INFO[family].style),
+                 unet, vae, scheduler, pipeline_options(index))
+
+
+def scheduler_config(folder: Path, prediction: str | None) -> dict[str, Any]:
+    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    if prediction:
+        config["prediction_type"] = prediction
+    return config
+
+
+def pipeline_options(index: dict[str, Any]) -> dict[str, Any]:
+    return {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+
+
+def build_text_encoders(family: str, configs: dict[str, dict[str, Any]], weights: dict[str, dict],
+                        config_folder: Path | None) -> TextEncoders:
+    """Text encoders from config dicts and converted state dicts; tokenizers from the config folder."""
+    folder = config_folder or config_dir(family)
+    tokenizers, encoders = [], []
+    for tok_name, enc_name in TEXT_PARTS:
+        if enc_name not in weights:
+            continue
+        cfg = CLIPTextConfig.from_dict(configs[enc_name])
+        cls = CLIPTextModelWithProjection if "text_projection.weight" in weights[enc_name] else CLIPTextModel
+        encoders.append(build_module(lambda c=cfg, k=cls: k(c), weights[enc_name], enc_name))
+        tokenizers.append(load_tokenizer(folder / tok_name))
+    return TextEncoders(tuple(tokenizers), tuple(encoders), FAMILY_INFO[family].style)
+
+
+def build_module(make, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Instantiate without allocating weights, then take `state_dict`'s tensors; every key must match."""
+    with init_empty_weights():
+        module = make()
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelError(f"the checkpoint's {what} weights do not fit its architecture: {e}") from None
+    return module
 
 
 class ModelManager:
-    """Loaded models, most recently used last; at most `capacity` stay in memory."""
+    """Loaded models, least recently used first: at most `capacity` of them, and, with a budget, no more
+    than `budget_bytes` of weights (the model just loaded always stays)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, hashes: HashCache, capacity: int = 1):
-        self.device, self.dtype, self.hashes, self.capacity = device, dtype, hashes, capacity
-        self._loaded: OrderedDict[Path, LoadedModel] = OrderedDict()
+    def __init__(self, options: LoadOptions, hashes: HashCache, capacity: int = 1, models_dirs: Sequence[Path] = (),
+                 budget_bytes: int | None = None):
+        self.options, self.hashes, self.capacity, self.models_dirs = options, hashes, capacity, tuple(models_dirs)
+        self.budget_bytes = budget_bytes
+        self._loaded: dict[tuple[Path, LoadOptions], LoadedModel] = {}
 
-    def get(self, ref: ModelRef) -> LoadedModel:
-        key = ref.path.resolve()
+    @property
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def bytes_used(self) -> int:
+        return sum(module_bytes((*m.text.encoders, m.unet, m.vae)) for m in self._loaded.values())
+
+    def get(self, ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
+        key = (ref.path.resolve(), options or self.options)
         if key in self._loaded:
-            self._loaded.move_to_end(key)
+            self._loaded[key] = self._loaded.pop(key)  # most recent last
             return self._loaded[key]
         while len(self._loaded) >= self.capacity:
-            _, old = self._loaded.popitem(last=False)
+            old = self._loaded.pop(next(iter(self._loaded)))
             log.info("unloading %s", old.name)
-        model = load_model(ref, self.device, self.dtype, self.hashes)
+        model = load_model(ref, key[1], self.hashes, self.models_dirs)
         self._loaded[key] = model
+        while self.budget_bytes is not None and len(self._loaded) > 1 and self.bytes_used() > self.budget_bytes:
+            old = self._loaded.pop(next(iter(self._loaded)))
+            log.info("unloading %s to stay within the memory budget", old.name)
         return model

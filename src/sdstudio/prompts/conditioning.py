@@ -19,7 +19,7 @@ from torch import Tensor
 class TextConditioning:
     embeds: Tensor                 # (B, T, D) cross-attention context
     pooled: Tensor | None = None   # (B, P) SDXL pooled text embedding
-    time_ids: Tensor | None = None  # (B, 6) SDXL original size, crop, target size
+    time_ids: Tensor | None = None  # (B, 6) SDXL original size, crop, target size; (B, 5) refiner
 
     @property
     def batch_size(self) -> int:
@@ -68,3 +68,19 @@ class StaticCond:
 
     def at(self, step: int) -> GuidedConditioning:
         return self.cond
+
+
+def xl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int],
+                count: int, aesthetic_score: float) -> Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2), one row (1, count):
+
+    base (6):    [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
+    refiner (5): [orig_h, orig_w, crop_top, crop_left, aesthetic_score]
+    Each value is embedded sinusoidally by the UNet and concatenated with the pooled text embedding.
+    """
+    head = [*original_hw, *crop_top_left]
+    if count == 6:
+        return torch.tensor([[*head, *target_hw]], dtype=torch.float32)
+    if count == 5:
+        return torch.tensor([[*head, aesthetic_score]], dtype=torch.float32)
+    raise ValueError(f"SDXL UNets take 5 or 6 time ids, this one takes {count}")

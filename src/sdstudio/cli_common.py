@@ -1,0 +1,53 @@
+"""What every CLI sub-app shares: settings from options, quiet libraries, one-line failures."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from sdstudio.settings import Settings
+
+err = Console(stderr=True)
+
+
+def settings_from(options: dict[str, str | None], out: Path | None = None) -> Settings:
+    from sdstudio.settings import Settings, resolve_device, resolve_dtype  # deferred: imports torch
+
+    try:
+        device = resolve_device(options["device"] or "auto")
+        settings = Settings.from_env(device=device, dtype=resolve_dtype(options["dtype"] or "auto", device))
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    if options.get("prediction") not in (None, "epsilon", "v_prediction"):
+        fail(f"--prediction must be epsilon or v_prediction, got {options['prediction']!r}")
+    if options.get("offload") not in (None, "none", "model", "sequential"):
+        fail(f"--offload must be none, model or sequential, got {options['offload']!r}")
+    if options.get("vae_tiling") not in (None, "auto", "on", "off"):
+        fail(f"--vae-tiling must be auto, on or off, got {options['vae_tiling']!r}")
+    changes = {k: options[k] for k in ("prediction", "offload", "vae_tiling") if options.get(k)}
+    settings = replace(settings, **changes)
+    return replace(settings, outputs_dir=out) if out is not None else settings
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would drown ours; errors still show."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    # torchsde warns about float rounding of Brownian interval ends (1e-7), which DPM++ SDE always causes.
+    warnings.filterwarnings("ignore", message="Should have ta>=t0", module="torchsde")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -1,0 +1,139 @@
+"""LoRA and textual-inversion add-ons of one request, found, read and applied for its duration.
+
+`<lora:name:weight>` in a prompt (A1111's extra-network syntax, weight 1 when left out) selects a LoRA
+file from the LoRA folders; it is removed from the text the encoder sees. An embedding is used by writing
+its name (the file stem) in the prompt or negative prompt. Both are undone when the job ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdstudio.errors import RequestError
+from sdstudio.models.catalog import ModelRef, unknown_message
+from sdstudio.models.embeddings import (
+    EMBEDDING_SUFFIXES,
+    Embedding,
+    embeddings_applied,
+    expand_prompt,
+    read_embedding,
+    ti_hashes,
+)
+from sdstudio.models.hashing import HashCache
+from sdstudio.models.loader import LoadedModel
+from sdstudio.models.lora import LoraFile, LoraReport, loras_applied, read_lora
+
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class AddOns:
+    prompt: str            # what the text encoder sees: LoRA tags removed, embeddings expanded
+    negative_prompt: str
+    loras: tuple[tuple[LoraFile, float], ...] = ()
+    embeddings: tuple[Embedding, ...] = ()
+    reports: list[LoraReport] = field(default_factory=list, compare=False)
+
+    @property
+    def changes_text_encoders(self) -> bool:
+        return bool(self.embeddings or self.loras)
+
+    def infotext(self) -> dict[str, Any]:
+        loras = ", ".join(f"{f.name.replace(':', '').replace(',', '')}: {f.short_hash}" for f, w in self.loras if w)
+        return {"Lora hashes": loras or None, "TI hashes": ti_hashes(self.embeddings) or None}
+
+    def record(self) -> dict[str, Any] | None:
+        """LoRAs (with what each matched) and embeddings, for the machine-readable record."""
+        if not (self.loras or self.embeddings):
+            return None
+        files = {f.name: f for r in self.reports for f in r.files}
+        loras = []
+        for f, weight in self.loras:
+            report = files.get(f.name)
+            loras.append({"name": f.name, "hash": f.short_hash, "weight": weight,
+                          "matched_keys": report.matched_keys if report else 0,
+                          "dropped": report.dropped_reasons() if report else {}})
+        return {"loras": loras, "embeddings": [{"name": e.name, "hash": e.short_hash} for e in self.embeddings]}
+
+    @contextmanager
+    def applied(self, model: LoadedModel) -> Iterator[None]:
+        tokenizers, encoders = slots(model)
+        with ExitStack() as stack:
+            if self.embeddings:
+                stack.enter_context(embeddings_applied(tokenizers, encoders, list(self.embeddings)))
+            if self.loras:
+                self.reports.append(stack.enter_context(loras_applied(model.unet, encoders, list(self.loras))))
+            yield
+
+
+def slots(model: LoadedModel) -> tuple[list[Any], list[Any]]:
+    """Tokenizers and encoders by slot: te1 (CLIP-L / OpenCLIP-H), te2 (OpenCLIP-G); the refiner has only te2."""
+    tokenizers, encoders = list(model.text.tokenizers), list(model.text.encoders)
+    if model.family == "sdxl-refiner":
+        return [None, *tokenizers], [None, *encoders]
+    return tokenizers, encoders
+
+
+def split_lora_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """("a cat <lora:ink:0.6>", ...) -> ("a cat ", [("ink", 0.6)])."""
+    found = []
+    for match in LORA_TAG.finditer(text):
+        weight = match.group(2)
+        try:
+            found.append((match.group(1).strip(), float(weight) if weight not in (None, "") else 1.0))
+        except ValueError:
+            raise RequestError(f"LoRA weight must be a number in {match.group(0)!r}", "prompt") from None
+    return LORA_TAG.sub("", text), found
+
+
+class AddOnLibrary:
+    """Finds LoRA and embedding files by name and keeps the last few read."""
+
+    def __init__(self, lora_dirs: Sequence[Path], embedding_dirs: Sequence[Path], hashes: HashCache,
+                 capacity: int = 8):
+        self.lora_dirs, self.embedding_dirs, self.hashes, self.capacity = lora_dirs, embedding_dirs, hashes, capacity
+        self._cache: OrderedDict[tuple[Path, int], Any] = OrderedDict()
+
+    def resolve(self, prompt: str, negative_prompt: str) -> AddOns:
+        prompt, tags = split_lora_tags(prompt)
+        negative_prompt, negative_tags = split_lora_tags(negative_prompt)
+        loras = tuple((self._read(self.find_lora(name), read_lora), w) for name, w in [*tags, *negative_tags])
+        names = self.embedding_files()
+        used = [p for n, p in names.items() if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])",
+                                                         f"{prompt}\n{negative_prompt}", re.IGNORECASE)]
+        embeddings = tuple(self._read(p, lambda q: read_embedding(q, self.hashes)) for p in used)
+        return AddOns(expand_prompt(prompt, embeddings), expand_prompt(negative_prompt, embeddings), loras, embeddings)
+
+    def find_lora(self, name: str) -> Path:
+        files = [p for d in self.lora_dirs if d.is_dir() for p in sorted(d.rglob("*")) if p.suffix in LORA_SUFFIXES]
+        for p in files:
+            if name.lower() in (p.stem.lower(), p.name.lower()):
+                return p
+        message = unknown_message(name, [ModelRef(p.stem, p) for p in files]).replace("unknown model", "unknown LoRA")
+        raise RequestError(f"{message} (LoRA folders: {', '.join(str(d) for d in self.lora_dirs)})", "prompt")
+
+    def embedding_files(self) -> dict[str, Path]:
+        """Lowercased name -> file, first folder wins."""
+        found: dict[str, Path] = {}
+        for d in self.embedding_dirs:
+            if d.is_dir():
+                for p in sorted(d.rglob("*")):
+                    if p.suffix in EMBEDDING_SUFFIXES:
+                        found.setdefault(p.stem.lower(), p)
+        return found
+
+    def _read(self, path: Path, reader: Any) -> Any:
+        key = (path.resolve(), path.stat().st_mtime_ns)  # a file changed on disk is read again
+        if key not in self._cache:
+            self._cache[key] = reader(path)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]

@@ -1,0 +1,48 @@
+"""Where a loaded model's weights live: on the device, or offloaded to the CPU for small GPUs.
+
+none:       every component on the device (fastest).
+model:      components on the CPU; each moves to the device when it runs and the previous one moves back
+            (accelerate's `cpu_offload_with_hook`, as diffusers' `enable_model_cpu_offload`). Peak memory is
+            about the largest component (the UNet) plus activations.
+sequential: weights stream to the device one submodule at a time (accelerate's `cpu_offload`, as
+            diffusers' `enable_sequential_cpu_offload`): the least memory, much slower.
+On a CPU device there is nothing to offload to, so every mode is "none" there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OffloadMode = Literal["none", "model", "sequential"]
+OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
+
+
+def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -> str:
+    """Put `modules` (in execution order: text encoders, UNet, VAE) on `device` per `mode`; returns the
+    mode actually used."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+    if mode == "none" or device.type == "cpu":
+        for module in modules:
+            module.to(device)
+        return "none"
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    if mode == "sequential":
+        for module in modules:
+            cpu_offload(module, execution_device=device)
+        return mode
+    previous = None
+    for module in modules:
+        _, previous = cpu_offload_with_hook(module, execution_device=device, prev_module_hook=previous)
+    return mode
+
+
+def module_bytes(modules: Sequence[torch.nn.Module]) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
