@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sdstudio import __version__
 from sdstudio.cli_common import err, fail, quiet_libraries, settings_from
 from sdstudio.cli_models import app as models_app
+from sdstudio.cli_prompt import app as prompt_app
 from sdstudio.cli_train import app as train_app
 from sdstudio.engine.output import read_metadata, save_result
 from sdstudio.engine.requests import GenerationRequest
@@ -30,6 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="sdstudio: Stable Diffusion from the command line.")
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
+app.add_typer(prompt_app, name="prompt")
 
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, or a model name.")]
@@ -44,6 +46,8 @@ Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batc
 NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. [default: 1]")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. [default: ./outputs]")]
 CaptureEvery = Annotated[int | None, typer.Option("--capture-every", help="Save the denoising process every N steps.")]
+Syntax = Annotated[str | None, typer.Option("--prompt-syntax", help="a1111 (weights, BREAK, [a:b:0.5], AND), "
+                                                                   "compel or plain. [default: a1111]")]
 ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Skip the last N-1 text-encoder layers "
                                                                    "(A1111's Clip skip). [default: 1]")]
 Vae = Annotated[str | None, typer.Option("--vae", help="VAE: auto, none (the model's own), or a VAE file name/path.")]
@@ -87,14 +91,16 @@ def txt2img(ctx: typer.Context,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
-            capture_every: CaptureEvery = None, clip_skip: ClipSkip = None, vae: Vae = None,
+            capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
+            vae: Vae = None,
             guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None) -> None:
     """Generate images from a prompt."""
     overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                            sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                            batch_size=batch_size, n_iter=n_iter, capture_every=capture_every,
-                           clip_skip=clip_skip, vae=vae, guidance_rescale=guidance_rescale,
+                           prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
+                           guidance_rescale=guidance_rescale,
                            zero_terminal_snr=zero_terminal_snr)
     base = _fields_from_image(from_image) if from_image else {}
     base.pop("strength", None)
@@ -109,14 +115,16 @@ def img2img(ctx: typer.Context,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
-            capture_every: CaptureEvery = None, clip_skip: ClipSkip = None, vae: Vae = None,
+            capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
+            vae: Vae = None,
             guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                            sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                            batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
-                           clip_skip=clip_skip, vae=vae, guidance_rescale=guidance_rescale,
+                           prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
+                           guidance_rescale=guidance_rescale,
                            zero_terminal_snr=zero_terminal_snr)
     base = _fields_from_image(from_image) if from_image else {}
     try:

@@ -1,12 +1,13 @@
 """LoRA and textual-inversion add-ons of one request, found, read and applied for its duration.
 
-`<lora:name:weight>` in a prompt (A1111's extra-network syntax, weight 1 when left out) selects a LoRA
+`<lora:name:weight>` in the prompt (A1111's extra-network syntax, weight 1 when left out) selects a LoRA
 file from the LoRA folders; it is removed from the text the encoder sees. An embedding is used by writing
 its name (the file stem) in the prompt or negative prompt. Both are undone when the job ends.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -28,8 +29,10 @@ from sdstudio.models.embeddings import (
 from sdstudio.models.hashing import HashCache
 from sdstudio.models.loader import LoadedModel
 from sdstudio.models.lora import LoraFile, LoraReport, loras_applied, read_lora
+from sdstudio.prompts.grammar_parse import split_networks
 
-LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+log = logging.getLogger(__name__)
+
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
@@ -82,15 +85,20 @@ def slots(model: LoadedModel) -> tuple[list[Any], list[Any]]:
 
 
 def split_lora_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
-    """("a cat <lora:ink:0.6>", ...) -> ("a cat ", [("ink", 0.6)])."""
-    found = []
-    for match in LORA_TAG.finditer(text):
-        weight = match.group(2)
-        try:
-            found.append((match.group(1).strip(), float(weight) if weight not in (None, "") else 1.0))
-        except ValueError:
-            raise RequestError(f"LoRA weight must be a number in {match.group(0)!r}", "prompt") from None
-    return LORA_TAG.sub("", text), found
+    """("a cat <lora:ink:0.6>", ...) -> ("a cat ", [("ink", 0.6)]). Every `<kind:...>` tag is removed, as
+    A1111 does; LoRA (and its alias lyco) tags are kept, others are ignored with a warning."""
+    stripped = split_networks(text)
+    loras = []
+    for tag in stripped.networks:
+        if tag.kind.lower() not in ("lora", "lyco"):
+            log.warning("ignoring <%s:...>: only LoRA extra networks are supported", tag.kind)
+            continue
+        te, unet = tag.multipliers(text)
+        if te != unet:
+            log.warning("<lora:%s>: separate text-encoder and UNet weights are not supported; using %g for both",
+                        tag.name, unet)
+        loras.append((tag.name, unet))
+    return stripped.text, loras
 
 
 class AddOnLibrary:
@@ -102,9 +110,8 @@ class AddOnLibrary:
         self._cache: OrderedDict[tuple[Path, int], Any] = OrderedDict()
 
     def resolve(self, prompt: str, negative_prompt: str) -> AddOns:
-        prompt, tags = split_lora_tags(prompt)
-        negative_prompt, negative_tags = split_lora_tags(negative_prompt)
-        loras = tuple((self._read(self.find_lora(name), read_lora), w) for name, w in [*tags, *negative_tags])
+        prompt, tags = split_lora_tags(prompt)  # A1111 reads tags in the positive prompt only
+        loras = tuple((self._read(self.find_lora(name), read_lora), w) for name, w in tags)
         names = self.embedding_files()
         used = [p for n, p in names.items() if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])",
                                                          f"{prompt}\n{negative_prompt}", re.IGNORECASE)]

@@ -30,7 +30,9 @@ from sdstudio.engine.stages import (
 )
 from sdstudio.models.loader import LoadedModel
 from sdstudio.models.vae import VaeChoice
-from sdstudio.prompts.conditioning import GuidedConditioning, StaticCond, TextConditioning, xl_time_ids
+from sdstudio.prompts.build import build_conditioning, plan_prompts
+from sdstudio.prompts.compel_syntax import CompelEncoder
+from sdstudio.prompts.conditioning import CondProvider, TextConditioning, xl_time_ids
 from sdstudio.prompts.encode import EncodedPrompt, PromptEncoder
 from sdstudio.samplers import SamplerChoice
 
@@ -55,7 +57,6 @@ class Job:
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
         req, model = self.req, self.model
-        cond = self.conditioning()
         init = self.init_latents()
         images: list[GeneratedImage] = []
         all_latents: list[Tensor] = []
@@ -64,7 +65,7 @@ class Job:
                 self.cancel.raise_if_cancelled()
             first = iteration * req.batch_size
             seeds = [req.seed + first + k for k in range(req.batch_size)]
-            out = self.run_batch(iteration, seeds, cond, init)
+            out = self.run_batch(iteration, seeds, init)
             pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
             for k, picture in enumerate(pictures):
                 capture = out.captures[k] if out.captures else None
@@ -72,22 +73,28 @@ class Job:
             all_latents.append(out.latents.float().cpu())
         return images, torch.cat(all_latents)
 
-    def conditioning(self) -> GuidedConditioning:
+    def conditioning(self, evaluations: int) -> CondProvider:
+        """Batch-1 conditioning of every step; `evaluations`: model calls in the loop."""
         req, model = self.req, self.model
-        encoder = self.prompt_encoder()
-        positive, negative = encoder(self.addons.prompt), encoder(self.addons.negative_prompt)
-        if model.is_xl and not req.negative_prompt and model.options.get("force_zeros_for_empty_prompt", True):
-            negative = EncodedPrompt(torch.zeros_like(positive.embeds), torch.zeros_like(positive.pooled))
+        plan = plan_prompts(self.addons.prompt, self.addons.negative_prompt, req.steps, req.prompt_syntax)
         ids = self.time_ids() if model.is_xl else (None, None)
-        return GuidedConditioning(self.text_cond(positive, ids[0]), self.text_cond(negative, ids[1]))
 
-    def prompt_encoder(self) -> PromptEncoder:
-        """Cached per model and clip skip; LoRAs and embeddings change the encoders, so then a fresh one."""
+        def finish(encoded: EncodedPrompt, negative: bool) -> TextConditioning:
+            return self.text_cond(encoded, ids[1] if negative else ids[0])
+
+        zero = model.is_xl and model.options.get("force_zeros_for_empty_prompt", True)
+        return build_conditioning(plan, req.steps, evaluations, self.prompt_encoder(), finish, zero)
+
+    def prompt_encoder(self) -> PromptEncoder | CompelEncoder:
+        """Cached per model, syntax and clip skip; LoRAs and embeddings change the encoders, so then a fresh one."""
+        req = self.req
+        make = CompelEncoder if req.prompt_syntax == "compel" else \
+            lambda text, skip: PromptEncoder(text, skip, syntax=req.prompt_syntax)
         if self.addons.changes_text_encoders:
-            return PromptEncoder(self.model.text, self.req.clip_skip)
-        key = f"prompt_encoder/clip_skip={self.req.clip_skip}"
+            return make(self.model.text, req.clip_skip)
+        key = f"prompt_encoder/{req.prompt_syntax}/clip_skip={req.clip_skip}"
         if key not in self.model.memo:
-            self.model.memo[key] = PromptEncoder(self.model.text, self.req.clip_skip)
+            self.model.memo[key] = make(self.model.text, req.clip_skip)
         return self.model.memo[key]
 
     def text_cond(self, encoded: EncodedPrompt, time_ids: Tensor | None) -> TextConditioning:
@@ -115,8 +122,7 @@ class Job:
                         req.strength, req.steps)
         return encode_image(self.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
 
-    def run_batch(self, iteration: int, seeds: list[int], cond: GuidedConditioning,
-                  init: Tensor | None) -> BatchOutput:
+    def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None) -> BatchOutput:
         req, model = self.req, self.model
         scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr)
         strength = req.strength if init is not None else None
@@ -129,7 +135,7 @@ class Job:
         plan = Plan(
             latents=start_latents(scheduler, noise, timesteps, init),
             timesteps=timesteps,
-            cond=StaticCond(GuidedConditioning(cond.positive.repeat(batch), cond.negative.repeat(batch))),
+            cond=self.conditioning(len(timesteps)).repeat(batch),
             cfg_scale=float(req.cfg_scale),
             guidance_rescale=float(req.guidance_rescale),
             step_kwargs=step_kwargs(scheduler, generators),

@@ -1,7 +1,8 @@
 """The one denoising loop. Every SD-family mode is a Plan handed to `denoise`.
 
 Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s * (eps_c - eps_u), with the
-unconditional and conditional branches in one UNet batch; skipped when s <= 1, as diffusers does.
+unconditional and conditional branches in one UNet batch; the unconditional one is skipped when s <= 1,
+as diffusers does. With several weighted positives (A1111's AND): eps_u + s * sum_j w_j (eps_j - eps_u).
 The scheduler (any diffusers scheduler) owns the update rule and the prediction type (epsilon,
 v-prediction); the loop only feeds it model outputs.
 """
@@ -31,9 +32,6 @@ class Plan:
     guidance_rescale: float = 0.0   # rescale-CFG phi; 0: plain CFG
     step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
 
-    @property
-    def guided(self) -> bool:
-        return self.cfg_scale > 1.0
 
 
 @torch.inference_mode()
@@ -43,14 +41,17 @@ def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None)
     batch, total = x.shape[0], len(plan.timesteps)
     for i, t in enumerate(plan.timesteps):
         cond = plan.cond.at(i)
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if plan.guided else x, t)  # (2B|B, C, h, w)
-        context = cond.cfg_batch if plan.guided else cond.positive
+        k = len(cond.positives)
+        guided = plan.cfg_scale > 1.0 or k > 1  # one positive without guidance: no unconditional branch
+        x_in = scheduler.scale_model_input(torch.cat([x] * (k + 1)) if guided else x, t)  # ((k+1)B | B, C, h, w)
+        context = cond.cfg_batch if guided else cond.positive
         out = unet(x_in, t, **context.unet_kwargs(), return_dict=False)[0]
-        if plan.guided:
-            uncond, text = out.chunk(2)
-            out = uncond + plan.cfg_scale * (text - uncond)
+        if guided:
+            uncond, *texts = out.chunk(k + 1)
+            delta = sum(w * (text - uncond) for w, text in zip(cond.weights, texts, strict=True))
+            out = uncond + plan.cfg_scale * delta
             if plan.guidance_rescale > 0:
-                out = rescale_cfg(out, text, plan.guidance_rescale)
+                out = rescale_cfg(out, uncond + delta, plan.guidance_rescale)
         x = scheduler.step(out, t, x, **plan.step_kwargs, return_dict=False)[0]
         if hook is not None:
             x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)

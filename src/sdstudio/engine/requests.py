@@ -40,6 +40,7 @@ class GenerationRequest:
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)
     strength: float = 0.75
     capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
+    prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, [a:b:0.5], [a|b], AND) | compel | plain
     clip_skip: int = 1      # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before...
     vae: str | None = None  # None/"auto": the model's own VAE; "none" likewise; or a VAE file's name or path
     guidance_rescale: float = 0.0    # rescale-CFG phi (Lin et al. 2023, sec. 3.4); 0 is plain CFG

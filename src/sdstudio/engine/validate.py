@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import RequestError
+from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
 from sdstudio.samplers import SamplerChoice, resolve_sampler, zero_snr_samplers
 from sdstudio.settings import Limits
 
@@ -34,6 +35,10 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     _check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
+    if req.prompt_syntax not in PROMPT_SYNTAXES:
+        raise RequestError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {req.prompt_syntax!r}",
+                           "prompt_syntax")
+    plan_prompts(req.prompt, req.negative_prompt, req.steps, req.prompt_syntax)  # syntax errors, with columns
     _check_int(req.clip_skip, "clip_skip", 1, 12)
     if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
         raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",

@@ -7,6 +7,7 @@ change per step (prompt editing, alternation): the loop asks a CondProvider for 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -45,19 +46,36 @@ class TextConditioning:
 
 @dataclass(frozen=True)
 class GuidedConditioning:
-    """Positive and negative conditioning of one step, both (B, ...)."""
+    """One step's conditioning, all (B, ...): the negative and one or more weighted positives.
 
-    positive: TextConditioning
+    Several positives are A1111's composable `AND` (Liu et al. 2022, "Compositional Visual Generation
+    with Composable Diffusion Models"): eps = eps_u + s * sum_j w_j (eps_j - eps_u).
+    """
+
     negative: TextConditioning
+    positives: tuple[TextConditioning, ...]
+    weights: tuple[float, ...] = (1.0,)
+
+    @property
+    def positive(self) -> TextConditioning:
+        return self.positives[0]
 
     @cached_property
     def cfg_batch(self) -> TextConditioning:
-        """The classifier-free-guidance batch (2B, ...): negative rows first, then positive."""
-        return self.negative.cat(self.positive)
+        """The guidance batch ((k+1)B, ...): negative rows first, then each positive's."""
+        out = self.negative
+        for p in self.positives:
+            out = out.cat(p)
+        return out
+
+    def repeat(self, n: int) -> GuidedConditioning:
+        return GuidedConditioning(self.negative.repeat(n), tuple(p.repeat(n) for p in self.positives), self.weights)
 
 
 class CondProvider(Protocol):
     def at(self, step: int) -> GuidedConditioning: ...
+
+    def repeat(self, n: int) -> CondProvider: ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,32 @@ class StaticCond:
 
     def at(self, step: int) -> GuidedConditioning:
         return self.cond
+
+    def repeat(self, n: int) -> StaticCond:
+        return StaticCond(self.cond.repeat(n))
+
+
+@dataclass(frozen=True)
+class ScheduledCond:
+    """Conditioning that changes during sampling (prompt editing, alternation), as A1111 schedules it.
+
+    Entry j applies while the sampling step (0-based, out of `steps`) is <= ends[j]. The loop counts
+    model evaluations, which second-order samplers make about twice per step: evaluation i of
+    `evaluations` is step i * steps // evaluations.
+    """
+
+    ends: tuple[int, ...]
+    conds: tuple[GuidedConditioning, ...]
+    steps: int
+    evaluations: int
+
+    def at(self, step: int) -> GuidedConditioning:
+        sampling_step = step * self.steps // max(self.evaluations, 1)
+        index = bisect_left(self.ends, sampling_step)
+        return self.conds[min(index, len(self.conds) - 1)]
+
+    def repeat(self, n: int) -> ScheduledCond:
+        return ScheduledCond(self.ends, tuple(c.repeat(n) for c in self.conds), self.steps, self.evaluations)
 
 
 def xl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int],

@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 from transformers import CLIPTokenizer
 
+from sdstudio.prompts.chunks import Chunk, TokenIds, chunk_tokens
+from sdstudio.prompts.grammar import BREAK_MARK, attention
+
 log = logging.getLogger(__name__)
 
 EncoderStyle = Literal["sd", "sdxl"]
@@ -41,16 +44,18 @@ class EncodedPrompt:
 
 
 class PromptEncoder:
-    """Encodes prompts, remembering the last `capacity` of them.
+    """Encodes one flat prompt (no scheduling syntax left), remembering the last `capacity` of them.
 
-    Text longer than the tokenizer's window (75 tokens + start/end) is truncated, as diffusers does,
-    with a warning that shows what was cut.
+    syntax "a1111": attention weights, BREAK and A1111's 75-token windows (prompts of any length); the
+    windows' encodings are concatenated, (1, 77k, D). Weighting as A1111's "Original" emphasis: scale
+    each token's embedding by its weight, then rescale the window so its mean is what it was.
+    syntax "plain": the text as it is, cut at 75 tokens with a warning (diffusers' behaviour).
     """
 
-    def __init__(self, text: TextEncoders, clip_skip: int = 1, capacity: int = 64):
+    def __init__(self, text: TextEncoders, clip_skip: int = 1, syntax: str = "a1111", capacity: int = 64):
         if clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1 (1 = use the last layer), got {clip_skip}")
-        self.text, self.clip_skip, self.capacity = text, clip_skip, capacity
+        self.text, self.clip_skip, self.syntax, self.capacity = text, clip_skip, syntax, capacity
         self._cache: OrderedDict[str, EncodedPrompt] = OrderedDict()
 
     def __call__(self, prompt: str) -> EncodedPrompt:
@@ -67,33 +72,52 @@ class PromptEncoder:
     def _encode(self, prompt: str) -> EncodedPrompt:
         states, pooled = [], None
         for tok, enc in zip(self.text.tokenizers, self.text.encoders, strict=True):
-            ids = self._tokenize(tok, enc, prompt)
-            if self.text.style == "sdxl":
-                out = enc(ids, output_hidden_states=True)
-                states.append(out.hidden_states[-(self.clip_skip + 1)])
-                pooled = getattr(out, "text_embeds", pooled)  # only the projecting encoder has one
-            else:
-                states.append(self._sd_states(tok, enc, ids))
+            windows = []
+            for k, chunk in enumerate(prompt_chunks(prompt, tok, self.syntax)):
+                ids = torch.tensor([chunk.tokens], device=enc.device)
+                hidden, chunk_pooled = self._hidden(tok, enc, ids)
+                windows.append(emphasis(hidden, chunk.weights))
+                pooled = chunk_pooled if k == 0 and chunk_pooled is not None else pooled
+            states.append(torch.cat(windows, dim=1))
         return EncodedPrompt(torch.cat(states, dim=-1), pooled)
 
-    def _sd_states(self, tok: CLIPTokenizer, enc: torch.nn.Module, ids: Tensor) -> Tensor:
+    def _hidden(self, tok: CLIPTokenizer, enc: torch.nn.Module, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(1, 77, D) hidden states per the style and clip skip, and the pooled embedding if any."""
+        if self.text.style == "sdxl":
+            out = enc(ids, output_hidden_states=True)
+            return out.hidden_states[-(self.clip_skip + 1)], getattr(out, "text_embeds", None)
         mask = None
         if getattr(enc.config, "use_attention_mask", False):
-            mask = (ids != tok.pad_token_id).long().to(ids.device)
+            mask = (ids != tok.pad_token_id).long()
         if self.clip_skip == 1:
-            return enc(ids, attention_mask=mask).last_hidden_state
+            return enc(ids, attention_mask=mask).last_hidden_state, None
         hidden = enc(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-self.clip_skip]
-        return getattr(enc, "text_model", enc).final_layer_norm(hidden)
+        return getattr(enc, "text_model", enc).final_layer_norm(hidden), None
 
-    def _tokenize(self, tok: CLIPTokenizer, enc: torch.nn.Module, prompt: str) -> Tensor:
-        window = min(tok.model_max_length, enc.config.max_position_embeddings)  # 77 for CLIP
-        ids = tok(prompt, padding="max_length", max_length=window, truncation=True, return_tensors="pt").input_ids
-        self._warn_if_truncated(tok, prompt, ids)
-        return ids.to(enc.device)
 
-    @staticmethod
-    def _warn_if_truncated(tok: CLIPTokenizer, prompt: str, ids: Tensor) -> None:
-        full = tok(prompt, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            cut = tok.batch_decode(full[:, ids.shape[-1] - 1: -1])[0]
-            log.warning("prompt longer than %d tokens; this part was cut: %r", ids.shape[-1] - 2, cut)
+
+def emphasis(hidden: Tensor, weights: list[float]) -> Tensor:
+    """A1111's "Original" emphasis: z' = z * w (per token), then z' * mean(z) / mean(z'). All 1: z."""
+    if all(w == 1.0 for w in weights):
+        return hidden
+    w = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device)[None, :, None]  # (1, 77, 1)
+    original = hidden.mean()
+    weighted = hidden * w
+    return weighted * (original / weighted.mean())
+
+
+def prompt_chunks(prompt: str, tok: CLIPTokenizer, syntax: str = "a1111") -> list[Chunk]:
+    """The 77-token windows (ids and weights) one tokenizer makes of a flat prompt."""
+    if syntax == "plain":
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        full = tok(prompt).input_ids
+        if len(full) > 77:
+            log.warning("prompt longer than 75 tokens; this part was cut: %r", tok.decode(full[76:-1]))
+        return [Chunk(list(ids), [1.0] * len(ids))]
+    pieces = attention(prompt)
+    texts = [t for t, _ in pieces]
+    tokenized = tok(texts, add_special_tokens=False, verbose=False).input_ids if texts else []
+    marked = [([] if (t, w) == BREAK_MARK else ids, w) for ids, (t, w) in zip(tokenized, pieces, strict=True)]
+    comma = tok.convert_tokens_to_ids(",</w>")
+    ids = TokenIds(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, comma if comma != tok.unk_token_id else None)
+    return chunk_tokens(marked, ids)
