@@ -39,10 +39,12 @@ def test_weighted_words_change_the_encoding(engine):
 
 def test_long_prompts_are_windows_and_their_end_matters(engine):
     """The tiny tokenizer is byte-level: one token per character (spaces are word ends)."""
-    head = "a small red circle, " * 7  # 119 tokens
+    head = "a small red circle, " * 9  # 16 tokens each
     long_a, long_b = head + "on a blue sky", head + "on a green sea"
     enc = encoder(engine)
-    assert enc(long_a).embeds.shape[1] == 2 * 77
+    tokens = len(engine.load().tokenizer(long_a, add_special_tokens=False).input_ids)
+    assert tokens >= 150
+    assert enc(long_a).embeds.shape[1] == 77 * 3
     a = engine.generate(REQ.replace(prompt=long_a))
     b = engine.generate(REQ.replace(prompt=long_b))
     assert not torch.equal(a.latents, b.latents)  # the last words count
