@@ -95,7 +95,22 @@ def test_same_latents_with_own_vae_and_another_decode_differently(studio):
 
 
 def test_unknown_vae_lists_the_available_ones(studio):
-    from sdstudio.errors import ModelError
-
-    with pytest.raises(ModelError, match=r"other\.safetensors"):
+    with pytest.raises(RequestError, match=r"unknown VAE 'othr'.*other\.safetensors"):
         studio.generate(REQ.replace(vae="othr"))
+
+
+def test_clip_skip_deeper_than_the_text_encoder_is_a_request_error(studio):
+    with pytest.raises(RequestError, match="clip_skip must be at most 2"):
+        studio.generate(REQ.replace(clip_skip=3))
+
+
+def test_an_embedding_for_another_family_is_skipped(studio, tmp_path):
+    home = studio.settings.home
+    save_file({"emb_params": torch.zeros(1, 768)}, home / "embeddings" / "wide.safetensors")
+    try:
+        plain = studio.generate(REQ)
+        with_wide = studio.generate(REQ.replace(prompt="a red circle, wide"))
+        assert "TI hashes" not in with_wide.images[0].infotext
+        assert plain.latents.shape == with_wide.latents.shape
+    finally:
+        (home / "embeddings" / "wide.safetensors").unlink()

@@ -24,14 +24,11 @@ def settings_from(options: dict[str, str | None], out: Path | None = None) -> Se
         settings = Settings.from_env(device=device, dtype=resolve_dtype(options["dtype"] or "auto", device))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
-    if options.get("prediction") not in (None, "epsilon", "v_prediction"):
-        fail(f"--prediction must be epsilon or v_prediction, got {options['prediction']!r}")
-    if options.get("offload") not in (None, "none", "model", "sequential"):
-        fail(f"--offload must be none, model or sequential, got {options['offload']!r}")
-    if options.get("vae_tiling") not in (None, "auto", "on", "off"):
-        fail(f"--vae-tiling must be auto, on or off, got {options['vae_tiling']!r}")
     changes = {k: options[k] for k in ("prediction", "offload", "vae_tiling") if options.get(k)}
-    settings = replace(settings, **changes)
+    try:
+        settings = replace(settings, **changes)
+    except ValueError as e:
+        fail(str(e))
     return replace(settings, outputs_dir=out) if out is not None else settings
 
 

@@ -85,8 +85,8 @@ def merge(models: Annotated[list[Path], typer.Argument(help="A B for weighted-su
     from sdstudio.models.merge import MergeRecipe, merge_files
 
     try:
-        spec = MergeRecipe(method=method, models=tuple(str(m) for m in models), alpha=alpha, dtype=dtype,
-                           vae=str(vae) if vae else None)
+        spec = MergeRecipe(method=method, models=tuple(str(m.resolve()) for m in models), alpha=alpha, dtype=dtype,
+                           vae=str(vae.resolve()) if vae else None)  # absolute: a recipe may live anywhere
         if recipe:
             spec.write(out)
         else:

@@ -70,6 +70,14 @@ class Settings:
     memory_budget_gb: float | None = None  # ... and at most this many GB of weights
     limits: Limits = Limits()
 
+    def __post_init__(self) -> None:
+        for name, allowed in (("offload", ("none", "model", "sequential")), ("vae_tiling", ("auto", "on", "off")),
+                              ("prediction", (None, "epsilon", "v_prediction"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+        if self.models_in_memory < 1:
+            raise ValueError(f"models_in_memory must be at least 1, got {self.models_in_memory}")
+
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"

@@ -21,6 +21,7 @@ from sdstudio.models.catalog import ModelRef, unknown_message
 from sdstudio.models.embeddings import (
     EMBEDDING_SUFFIXES,
     Embedding,
+    embedding_fits,
     embeddings_applied,
     expand_prompt,
     read_embedding,
@@ -33,7 +34,7 @@ from sdstudio.prompts.grammar_parse import split_networks
 
 log = logging.getLogger(__name__)
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,32 @@ class AddOnLibrary:
         self.lora_dirs, self.embedding_dirs, self.hashes, self.capacity = lora_dirs, embedding_dirs, hashes, capacity
         self._cache: OrderedDict[tuple[Path, int], Any] = OrderedDict()
 
-    def resolve(self, prompt: str, negative_prompt: str) -> AddOns:
+    def find_loras(self, prompt: str) -> tuple[str, list[tuple[Path, float]]]:
+        """The prompt without tags, and the LoRA files it names (checked before any model is loaded)."""
         prompt, tags = split_lora_tags(prompt)  # A1111 reads tags in the positive prompt only
-        loras = tuple((self._read(self.find_lora(name), read_lora), w) for name, w in tags)
-        names = self.embedding_files()
-        used = [p for n, p in names.items() if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])",
-                                                         f"{prompt}\n{negative_prompt}", re.IGNORECASE)]
-        embeddings = tuple(self._read(p, lambda q: read_embedding(q, self.hashes)) for p in used)
-        return AddOns(expand_prompt(prompt, embeddings), expand_prompt(negative_prompt, embeddings), loras, embeddings)
+        return prompt, [(self.find_lora(name), weight) for name, weight in tags]
+
+    def resolve(self, prompt: str, negative_prompt: str, model: LoadedModel) -> AddOns:
+        """LoRAs named in the prompt and embeddings named in either prompt that fit this model's encoders
+        (an embedding for another family is skipped with a warning, as A1111 does)."""
+        prompt, found = self.find_loras(prompt)
+        loras = tuple((self._read(path, read_lora), weight) for path, weight in found)
+        text = f"{prompt}\n{negative_prompt}"
+        used = [p for n, p in self.embedding_files().items()
+                if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", text, re.IGNORECASE)]
+        embeddings = []
+        for path in used:
+            embedding = self._read(path, lambda q: read_embedding(q, self.hashes))
+            if embedding_fits(embedding, slots(model)[1]):
+                embeddings.append(embedding)
+            else:
+                log.warning("embedding %s is for another model family (widths %s); not used", path.name,
+                            embedding.widths)
+        if (loras or embeddings) and model.offload == "sequential":
+            raise RequestError("LoRAs and embeddings change weights, which sequential offload streams from the CPU; "
+                               "use --offload model or none with them", "prompt")
+        return AddOns(expand_prompt(prompt, embeddings), expand_prompt(negative_prompt, embeddings), loras,
+                      tuple(embeddings))
 
     def find_lora(self, name: str) -> Path:
         files = [p for d in self.lora_dirs if d.is_dir() for p in sorted(d.rglob("*")) if p.suffix in LORA_SUFFIXES]

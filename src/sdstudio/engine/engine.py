@@ -17,7 +17,7 @@ from sdstudio.models import catalog
 from sdstudio.models.catalog import ModelRef
 from sdstudio.models.hashing import HashCache
 from sdstudio.models.loader import LoadedModel, LoadOptions, ModelManager
-from sdstudio.models.vae import VaeCache, VaeChoice, find_vae
+from sdstudio.models.vae import VaeCache, find_vae
 from sdstudio.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,28 +47,29 @@ class Engine:
     def load(self, name: str | None = None) -> LoadedModel:
         return self.models.get(self.model_ref(name))
 
-    def vae_for(self, model: LoadedModel, wanted: str | None) -> VaeChoice | None:
-        path = find_vae(wanted, model.ref, self.folders.vae)
-        return self.vaes.get(path, model.vae) if path else None
-
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         """Run a txt2img/img2img request; raises RequestError/ModelError for bad input, Cancelled."""
         start = time.perf_counter()
         check_fields(request, self.settings.limits)  # fail fast, before loading a model
-        addons = self.addons.resolve(request.prompt, request.negative_prompt)
-        model = self.load(request.model)
+        self.addons.find_loras(request.prompt)
+        ref = self.model_ref(request.model)
+        vae_path = find_vae(request.vae, ref, self.folders.vae)
+        model = self.models.get(ref)
         if model.unet.config.in_channels != model.latent_channels:
             raise ModelError(f"{model.name} is an inpainting model ({model.unet.config.in_channels}-channel UNet): it "
                              "needs an image and a mask, and inpainting is not available yet; use a text-to-image "
                              "model")
-        geometry = ModelGeometry(model.vae_scale_factor, model.native_size)
+        depth = min(e.config.num_hidden_layers for e in model.text.encoders)
+        geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth)
         req, choice = resolve_request(request, geometry, self.settings.limits, model.name)
+        addons = self.addons.resolve(req.prompt, req.negative_prompt, model)
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
-        vae = self.vae_for(model, req.vae)
+        vae = self.vaes.get(vae_path, model) if vae_path else None
         job = Job(model, req, choice, __version__, progress, cancel, vae, addons)
-        set_vae_tiling(job.vae, self.settings.vae_tiling, req, model)
+        set_vae_tiling(job.vae, self.settings.vae_tiling, req.width * req.height, model.native_size,
+                       model.offload != "none")
         with addons.applied(model):
             images, latents = job.run()
         return GenerationResult(req, images, latents, time.perf_counter() - start)

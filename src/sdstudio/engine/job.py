@@ -53,6 +53,7 @@ class Job:
         self.model, self.req, self.choice, self.version = model, req, choice, version
         self.progress, self.cancel, self.vae_choice = progress, cancel, vae
         self.addons = addons or AddOns(req.prompt, req.negative_prompt)
+        self._cond: CondProvider | None = None  # built by the first batch, repeated for each
         self.vae = vae.vae if vae else model.vae
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
@@ -84,6 +85,11 @@ class Job:
 
         zero = model.is_xl and model.options.get("force_zeros_for_empty_prompt", True)
         return build_conditioning(plan, req.steps, evaluations, self.prompt_encoder(), finish, zero)
+
+    def batch_conditioning(self, evaluations: int, batch: int) -> CondProvider:
+        if self._cond is None:
+            self._cond = self.conditioning(evaluations)
+        return self._cond.repeat(batch)
 
     def prompt_encoder(self) -> PromptEncoder | CompelEncoder:
         """Cached per model, syntax and clip skip; LoRAs and embeddings change the encoders, so then a fresh one."""
@@ -120,7 +126,8 @@ class Job:
         if int(req.steps * req.strength) == 0:
             log.warning("strength %s over %d steps denoises nothing: the init image comes back",
                         req.strength, req.steps)
-        return encode_image(self.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
+        latents = encode_image(self.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
+        return latents.to(self.model.device, self.model.dtype)  # the VAE may run in float32 (force_upcast)
 
     def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None) -> BatchOutput:
         req, model = self.req, self.model
@@ -135,7 +142,7 @@ class Job:
         plan = Plan(
             latents=start_latents(scheduler, noise, timesteps, init),
             timesteps=timesteps,
-            cond=self.conditioning(len(timesteps)).repeat(batch),
+            cond=self.batch_conditioning(len(timesteps), batch),
             cfg_scale=float(req.cfg_scale),
             guidance_rescale=float(req.guidance_rescale),
             step_kwargs=step_kwargs(scheduler, generators),
@@ -159,7 +166,7 @@ class Job:
         return hook
 
     def latent_rgb(self) -> LatentRGB:
-        memo, key = self.model.memo, f"latent_rgb/{id(self.vae)}"
+        memo, key = self.model.memo, f"latent_rgb/{self.vae_choice.hash if self.vae_choice else 'own'}"
         if key not in memo:
             memo[key] = fit_latent_rgb(self.vae, self.model.vae_scale_factor)
         return memo[key]

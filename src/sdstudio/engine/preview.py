@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sdstudio.models.memory import device_of
+
 
 @dataclass(frozen=True)
 class LatentRGB:
@@ -41,7 +43,7 @@ def fit_latent_rgb(vae, factor: int, size: int | None = None) -> LatentRGB:
     """Least-squares fit of RGB (average-pooled) on scaled VAE latents of calibration images."""
     size = size or factor * 8
     images = calibration_images(size)
-    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+    z = vae.encode(images.to(device_of(vae), vae.dtype)).latent_dist.mode().float().cpu()
     z = z * vae.config.scaling_factor                        # (N, C, h, w)
     target = F.avg_pool2d(images, factor)                    # (N, 3, h, w)
     x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])        # (N*h*w, C)

@@ -17,6 +17,8 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from torch import Tensor
 
+from sdstudio.models.memory import device_of
+
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -79,14 +81,14 @@ def encode_image(vae: Any, image: Image.Image, width: int, height: int, factor: 
     the reproducibility contract holds for it too.
     """
     pixels = image_processor(factor).preprocess(image.convert("RGB"), height=height, width=width)
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)  # (1, 3, H, W) in [-1, 1]
+    pixels = pixels.to(device=device_of(vae), dtype=vae.dtype)  # (1, 3, H, W) in [-1, 1]
     return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
 
 
 @torch.inference_mode()
 def decode_latents(vae: Any, latents: Tensor) -> Tensor:
     """(B, 3, H, W) images in [-1, 1] from scaled latents (B, C, h, w), one image at a time."""
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    z = latents.to(device=device_of(vae), dtype=vae.dtype) / vae.config.scaling_factor
     return torch.cat([vae.decode(z[i: i + 1], return_dict=False)[0] for i in range(z.shape[0])])
 
 
@@ -95,15 +97,11 @@ def to_pil(images: Tensor, factor: int) -> list[Image.Image]:
     return image_processor(factor).postprocess(images.float().cpu(), output_type="pil")
 
 
-def set_vae_tiling(vae: Any, policy: str, req: Any, model: Any) -> bool:
+def set_vae_tiling(vae: Any, policy: str, pixels: int, native_size: int, offloaded: bool) -> None:
     """Tiled VAE encode/decode (diffusers' `enable_tiling`: overlapping tiles, blended seams) bounds the
     VAE's activation memory for large images. auto: tile above 4x the native area or when offloading."""
-    if policy not in ("auto", "on", "off"):
-        raise ValueError(f"vae_tiling must be auto, on or off, got {policy!r}")
-    big = req.width * req.height > 4 * model.native_size ** 2
-    tile = policy == "on" or (policy == "auto" and (big or model.memo.get("offload", "none") != "none"))
+    tile = policy == "on" or (policy == "auto" and (pixels > 4 * native_size ** 2 or offloaded))
     if tile:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
-    return tile

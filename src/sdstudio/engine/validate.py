@@ -20,6 +20,7 @@ class ModelGeometry:
 
     factor: int
     native_size: int
+    text_layers: int = 12  # the shallowest text encoder's depth: clip skip must stay within it
 
 
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
@@ -60,6 +61,9 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
                     model_name: str) -> tuple[GenerationRequest, SamplerChoice]:
     """Validate `req` against the model and fill in what it left open (size, seed, model name)."""
     choice = check_fields(req, limits)
+    if req.clip_skip > geometry.text_layers:
+        raise RequestError(f"clip_skip must be at most {geometry.text_layers} for this model (its text encoder has "
+                           f"{geometry.text_layers} layers), got {req.clip_skip}", "clip_skip")
     width, height = _resolve_size(req, geometry)
     for name, value in (("width", width), ("height", height)):
         _check_int(value, name, limits.min_side, limits.max_side)

@@ -33,7 +33,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdstudio.errors import ModelError
 from sdstudio.models.ldm_keys import clip_to_ldm, openclip_to_ldm, sd2_openclip_extras, unet_to_ldm, vae_to_ldm
-from sdstudio.models.ldm_layout import LDM_LAYOUTS, Part, has_component, ldm_layout, read_family_from_folder
+from sdstudio.models.ldm_layout import (
+    LDM_LAYOUTS,
+    Part,
+    has_component,
+    ldm_layout,
+    pipeline_options,
+    read_family_from_folder,
+)
 
 __all__ = ["CONFIGS_KEY", "FAMILY_KEY", "LDM_LAYOUTS", "SingleFileInfo", "from_ldm", "meta_model",
            "read_component_weights", "read_family_from_folder", "read_single_file_info", "to_ldm", "write_single_file"]
@@ -213,7 +220,6 @@ def read_component_weights(folder: Path) -> StateDict:
     return load_file(files[0])
 
 
-_PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # SDXL model_index flags
 
 
 def _folder_configs(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -224,7 +230,7 @@ def _folder_configs(folder: Path, names: Iterable[str]) -> dict[str, dict[str, A
         configs["scheduler"] = json.loads(scheduler.read_text())
     index = folder / "model_index.json"
     flags = json.loads(index.read_text()) if index.is_file() else {}
-    configs["options"] = {k: flags[k] for k in _PIPELINE_OPTIONS if k in flags}
+    configs["options"] = pipeline_options(flags)
     return configs
 
 

@@ -163,16 +163,25 @@ def embeddings_applied(tokenizers: Sequence[object | None], text_encoders: Seque
         yield
 
 
+def _widths(text_encoders: Sequence[torch.nn.Module | None]) -> tuple[int | None, ...]:
+    return tuple(None if te is None else int(te.get_input_embeddings().embedding_dim) for te in text_encoders)
+
+
+def embedding_fits(e: Embedding, text_encoders: Sequence[torch.nn.Module | None]) -> bool:
+    """One (n, D) per encoder slot with D that encoder's width (an empty slot, the refiner's te1, takes any)."""
+    widths = _widths(text_encoders)
+    return len(e.widths) == len(widths) and all(w is None or w == d for w, d in zip(widths, e.widths, strict=True))
+
+
 def _check(text_encoders: Sequence[torch.nn.Module | None], embeddings: Sequence[Embedding]) -> None:
     """Each embedding must have one (n, D) per encoder slot, D = that encoder's width; names unique."""
     names = [e.name for e in embeddings]
     if len(set(names)) != len(names):
         raise ModelError(f"two embeddings share a name: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    widths = tuple(None if te is None else int(te.get_input_embeddings().embedding_dim) for te in text_encoders)
+    widths = _widths(text_encoders)
     known = tuple(w for w in widths if w is not None)
     for e in embeddings:
-        fits = len(e.widths) == len(widths) and all(w is None or w == d for w, d in zip(widths, e.widths, strict=True))
-        if not fits:
+        if not embedding_fits(e, text_encoders):
             raise ModelError(
                 f"embedding {e.stem!r} has vectors of width {' + '.join(map(str, e.widths))} "
                 f"({_FAMILY_BY_WIDTHS.get(e.widths, 'unknown family')}), but this model's text encoders take "

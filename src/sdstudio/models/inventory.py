@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ from safetensors import SafetensorError, safe_open
 
 from sdstudio.errors import ModelError
 from sdstudio.models.catalog import ModelRef
+from sdstudio.models.checkpoint_io import read_metadata
+from sdstudio.models.convert import FAMILY_KEY
 from sdstudio.models.families import FAMILY_INFO, detect_family, sidecar_says_v
 from sdstudio.models.hashing import HashCache, short_hash, weight_files
 from sdstudio.models.ldm_layout import read_family_from_folder
@@ -56,17 +57,12 @@ def family_of(ref: ModelRef) -> str:
             return "merge recipe"
         if ref.path.suffix != ".safetensors":
             return "checkpoint (pickle; detected on load)"
-        metadata = _metadata(ref.path)
-        if "sdstudio.family" in metadata:
-            return metadata["sdstudio.family"]
+        metadata = read_metadata(ref.path)
+        if FAMILY_KEY in metadata:
+            return metadata[FAMILY_KEY]
         return detect_family(header_shapes(ref.path), v_prediction=sidecar_says_v(ref.path))
     except (ModelError, OSError, ValueError) as e:
         return f"unknown ({e})"
-
-
-def _metadata(path: Path) -> Mapping[str, str]:
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def size_of(path: Path) -> int:

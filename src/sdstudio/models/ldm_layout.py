@@ -59,6 +59,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is not valid JSON: {e}") from None
 
 
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # SDXL model_index flags
+
+
+def pipeline_options(index: dict[str, Any]) -> dict[str, Any]:
+    """The model_index.json flags the SDXL pipelines read."""
+    return {k: index[k] for k in PIPELINE_OPTIONS if k in index}
+
+
 def has_component(folder: Path, name: str) -> bool:
     """model_index.json lists it as [library, class] (not [null, null]) and its folder has a config."""
     index_path = folder / "model_index.json"

@@ -19,9 +19,9 @@ from sdstudio.models.catalog import ModelRef
 from sdstudio.models.configs import config_dir, load_tokenizer
 from sdstudio.models.families import FAMILY_INFO
 from sdstudio.models.hashing import HashCache, short_hash
-from sdstudio.models.ldm_layout import read_family_from_folder
+from sdstudio.models.ldm_layout import pipeline_options, read_family_from_folder
 from sdstudio.models.memory import module_bytes, place
-from sdstudio.prompts.encode import TextEncoders
+from sdstudio.models.text_encoders import TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     options: dict[str, Any] = field(default_factory=dict)  # model_index flags (force_zeros_for_empty_prompt...)
+    offload: str = "none"  # the offload mode in effect (models/memory.py)
     memo: dict[str, Any] = field(default_factory=dict)  # derived data computed once per model
 
     @property
@@ -120,14 +121,18 @@ def load_model(ref: ModelRef, options: LoadOptions, hashes: HashCache,
     log.info("loaded %s (%s)", ref.name, parts.family)
     modules = (*parts.text.encoders, parts.unet, parts.vae)
     for module in modules:
-        if next(module.parameters()).dtype != options.dtype:
-            module.to(dtype=options.dtype)
+        dtype = vae_dtype(parts.vae, options.dtype) if module is parts.vae else options.dtype
+        if next(module.parameters()).dtype != dtype:
+            module.to(dtype=dtype)
         module.eval().requires_grad_(False)
     offload = place(modules, options.device, options.offload)
-    model = LoadedModel(ref, hashes.model_sha256(ref.path), parts.family, parts.text, parts.unet, parts.vae,
-                        parts.scheduler_config, options.device, options.dtype, parts.options)
-    model.memo["offload"] = offload
-    return model
+    return LoadedModel(ref, hashes.model_sha256(ref.path), parts.family, parts.text, parts.unet, parts.vae,
+                       parts.scheduler_config, options.device, options.dtype, parts.options, offload)
+
+
+def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows in float16 (its config says force_upcast): it then runs in float32, as in diffusers."""
+    return torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
 
 
 @dataclass(frozen=True)
@@ -156,20 +161,9 @@ def load_folder(folder: Path, options: LoadOptions) -> Parts:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {folder}: {e}") from e
-    scheduler = scheduler_config(folder, options.prediction)
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")  # a folder's own config is authoritative
     return Parts(family, TextEncoders(tuple(tokenizers), tuple(encoders), FAMILY_INFO[family].style),
                  unet, vae, scheduler, pipeline_options(index))
-
-
-def scheduler_config(folder: Path, prediction: str | None) -> dict[str, Any]:
-    config = read_json(folder / "scheduler" / "scheduler_config.json")
-    if prediction:
-        config["prediction_type"] = prediction
-    return config
-
-
-def pipeline_options(index: dict[str, Any]) -> dict[str, Any]:
-    return {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
 
 
 def build_text_encoders(family: str, configs: dict[str, dict[str, Any]], weights: dict[str, dict],
@@ -206,7 +200,7 @@ class ModelManager:
                  budget_bytes: int | None = None):
         self.options, self.hashes, self.capacity, self.models_dirs = options, hashes, capacity, tuple(models_dirs)
         self.budget_bytes = budget_bytes
-        self._loaded: dict[tuple[Path, LoadOptions], LoadedModel] = {}
+        self._loaded: dict[tuple[Path, int, int], LoadedModel] = {}
 
     @property
     def loaded(self) -> list[LoadedModel]:
@@ -215,15 +209,16 @@ class ModelManager:
     def bytes_used(self) -> int:
         return sum(module_bytes((*m.text.encoders, m.unet, m.vae)) for m in self._loaded.values())
 
-    def get(self, ref: ModelRef, options: LoadOptions | None = None) -> LoadedModel:
-        key = (ref.path.resolve(), options or self.options)
+    def get(self, ref: ModelRef) -> LoadedModel:
+        stat = ref.path.stat()  # a file replaced on disk (or an edited recipe) is loaded again
+        key = (ref.path.resolve(), stat.st_mtime_ns, stat.st_size)
         if key in self._loaded:
             self._loaded[key] = self._loaded.pop(key)  # most recent last
             return self._loaded[key]
         while len(self._loaded) >= self.capacity:
             old = self._loaded.pop(next(iter(self._loaded)))
             log.info("unloading %s", old.name)
-        model = load_model(ref, key[1], self.hashes, self.models_dirs)
+        model = load_model(ref, self.options, self.hashes, self.models_dirs)
         self._loaded[key] = model
         while self.budget_bytes is not None and len(self._loaded) > 1 and self.bytes_used() > self.budget_bytes:
             old = self._loaded.pop(next(iter(self._loaded)))

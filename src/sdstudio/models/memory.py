@@ -26,8 +26,6 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
 def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -> str:
     """Put `modules` (in execution order: text encoders, UNet, VAE) on `device` per `mode`; returns the
     mode actually used."""
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
     if mode == "none" or device.type == "cpu":
         for module in modules:
             module.to(device)
@@ -42,6 +40,14 @@ def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -
     for module in modules:
         _, previous = cpu_offload_with_hook(module, execution_device=device, prev_module_hook=previous)
     return mode
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its offload hook's execution device, else where its weights are."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    return next(module.parameters()).device
 
 
 def module_bytes(modules: Sequence[torch.nn.Module]) -> int:

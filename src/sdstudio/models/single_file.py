@@ -17,19 +17,20 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from sdstudio.errors import ModelError
 from sdstudio.models import convert
 from sdstudio.models.catalog import ModelRef
 from sdstudio.models.checkpoint_io import read_state_dict
-from sdstudio.models.configs import config_dir
+from sdstudio.models.configs import FAMILIES, config_dir
 from sdstudio.models.convert import SingleFileInfo, read_single_file_info
 from sdstudio.models.families import FAMILY_INFO, detect_family, sidecar_says_v
 from sdstudio.models.layout import save_parts
+from sdstudio.models.ldm_layout import pipeline_options
 from sdstudio.models.loader import (
     LoadOptions,
     Parts,
     build_module,
     build_text_encoders,
-    pipeline_options,
     read_json,
 )
 from sdstudio.models.merge import compute_recipe, is_recipe_file
@@ -52,7 +53,7 @@ def load_single_file(ref: ModelRef, options: LoadOptions, models_dirs: Sequence[
     vae = build_module(lambda: AutoencoderKL.from_config(configs["vae"]), weights["vae"], "VAE")
     text = build_text_encoders(family, configs, weights, options.config)
     scheduler = dict(configs["scheduler"])
-    if options.prediction:
+    if options.prediction and info is None:  # original-layout files cannot say (SD 2.x; v-pred SD 1.x tunes)
         scheduler["prediction_type"] = options.prediction
     return Parts(family, text, unet, vae, scheduler, configs.get("options", {}))
 
@@ -76,6 +77,9 @@ def component_configs(family: str, info: SingleFileInfo | None, folder: Path | N
     `sdstudio models convert`, else the configs bundled for `family`."""
     if folder is None and info is not None and info.scheduler is not None:
         return info.configs
+    if folder is None and family not in FAMILIES:
+        raise ModelError(f"sdstudio ships no configs for {FAMILY_INFO[family].label} single files; convert the model "
+                         "from a diffusers folder, or load the folder itself")
     root = folder or config_dir(family)
     configs: dict[str, Any] = {name: read_json(root / name / "config.json") for name in COMPONENTS
                                if (root / name / "config.json").is_file()}

@@ -8,21 +8,22 @@ prefixed `first_stage_model.`) or diffusers' (`encoder.down_blocks.0.resnets.0..
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from sdstudio.errors import ModelError
+from sdstudio.errors import RequestError
 from sdstudio.models.catalog import ModelRef, unknown_message
 from sdstudio.models.checkpoint_io import read_state_dict
 from sdstudio.models.hashing import HashCache, short_hash
-from sdstudio.models.loader import build_module
+from sdstudio.models.loader import LoadedModel, build_module
+from sdstudio.models.memory import place
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path]) -> Pa
     for p in files:
         if key.lower() in (p.name.lower(), p.stem.lower()):
             return p
+    beside = _beside(model)
+    if beside is not None and key.lower() == beside.name.lower():  # an automatic choice, read back from infotext
+        return beside
     refs = [ModelRef(p.name, p) for p in files]
-    raise ModelError("VAE: " + unknown_message(key, refs).replace("unknown model", "unknown VAE"))
+    raise RequestError(unknown_message(key, refs).replace("unknown model", "unknown VAE"), "vae")
 
 
 def _beside(model: ModelRef) -> Path | None:
@@ -66,14 +70,14 @@ def _beside(model: ModelRef) -> Path | None:
 
 
 def load_vae_file(path: Path, like: AutoencoderKL) -> AutoencoderKL:
-    """A VAE with `like`'s architecture and scaling factor, weights from `path` (strict key check)."""
+    """A VAE with `like`'s architecture and scaling factor, weights from `path` (strict key check), on the CPU."""
     state_dict = read_state_dict(path)
     if not any(k.startswith("decoder.up_blocks.") for k in state_dict):  # original layout
         prefixed = {k if k.startswith("first_stage_model.") else "first_stage_model." + k: v
                     for k, v in state_dict.items()}
         state_dict = convert_ldm_vae_checkpoint(prefixed, dict(like.config))
     vae = build_module(lambda: AutoencoderKL.from_config(like.config), state_dict, f"VAE {path.name}")
-    return vae.to(like.device, like.dtype).eval().requires_grad_(False)
+    return vae.to(like.dtype).eval().requires_grad_(False)
 
 
 class VaeCache:
@@ -81,13 +85,17 @@ class VaeCache:
 
     def __init__(self, hashes: HashCache, capacity: int = 2):
         self.hashes, self.capacity = hashes, capacity
-        self._loaded: OrderedDict[tuple[Path, torch.device, torch.dtype], VaeChoice] = OrderedDict()
+        self._loaded: OrderedDict[tuple, VaeChoice] = OrderedDict()
 
-    def get(self, path: Path, like: AutoencoderKL) -> VaeChoice:
-        key = (path.resolve(), like.device, like.dtype)
+    def get(self, path: Path, model: LoadedModel) -> VaeChoice:
+        """The VAE file with `model`'s VAE config (scaling factor...), placed like the model's own."""
+        like = model.vae
+        key = (path.resolve(), path.stat().st_mtime_ns, json.dumps(dict(like.config), sort_keys=True, default=str),
+               model.device, like.dtype, model.offload)
         if key not in self._loaded:
             log.info("loading VAE %s", path.name)
             vae = load_vae_file(path, like)
+            place([vae], model.device, model.offload)
             self._loaded[key] = VaeChoice(path.name, short_hash(self.hashes.file_sha256(path)), vae)
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)

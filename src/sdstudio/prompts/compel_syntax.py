@@ -8,7 +8,8 @@ OpenCLIP-G's pooled embedding. Long prompts are split into 77-token windows, not
 from __future__ import annotations
 
 from sdstudio.errors import RequestError
-from sdstudio.prompts.encode import EncodedPrompt, TextEncoders
+from sdstudio.models.text_encoders import TextEncoders
+from sdstudio.prompts.encode import EncodedPrompt
 
 
 class CompelEncoder:
@@ -32,9 +33,11 @@ class CompelEncoder:
                              truncate_long_prompts=False)
 
     def __call__(self, prompt: str) -> EncodedPrompt:
+        from pyparsing import ParseBaseException
+
         try:
             out = self.compel(prompt)
-        except Exception as e:  # compel raises pyparsing and value errors for bad syntax
+        except (ParseBaseException, ValueError) as e:  # compel's errors for bad syntax
             raise RequestError(f"compel could not parse the prompt {prompt!r}: {e}", "prompt") from None
         if self.wants_pooled:
             embeds, pooled = out

@@ -14,28 +14,17 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 from transformers import CLIPTokenizer
 
+from sdstudio.models.memory import device_of
+from sdstudio.models.text_encoders import TextEncoders
 from sdstudio.prompts.chunks import Chunk, TokenIds, chunk_tokens
 from sdstudio.prompts.grammar import BREAK_MARK, attention
 
 log = logging.getLogger(__name__)
-
-EncoderStyle = Literal["sd", "sdxl"]
-
-
-@dataclass(frozen=True)
-class TextEncoders:
-    """A model's tokenizer/text-encoder pairs in order (SDXL: CLIP-L then OpenCLIP-G)."""
-
-    tokenizers: tuple[CLIPTokenizer, ...]
-    encoders: tuple[torch.nn.Module, ...]  # CLIPTextModel or CLIPTextModelWithProjection
-    style: EncoderStyle = "sd"
-
 
 @dataclass(frozen=True)
 class EncodedPrompt:
@@ -74,7 +63,7 @@ class PromptEncoder:
         for tok, enc in zip(self.text.tokenizers, self.text.encoders, strict=True):
             windows = []
             for k, chunk in enumerate(prompt_chunks(prompt, tok, self.syntax)):
-                ids = torch.tensor([chunk.tokens], device=enc.device)
+                ids = torch.tensor([chunk.tokens], device=device_of(enc))
                 hidden, chunk_pooled = self._hidden(tok, enc, ids)
                 windows.append(emphasis(hidden, chunk.weights))
                 pooled = chunk_pooled if k == 0 and chunk_pooled is not None else pooled
