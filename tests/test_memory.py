@@ -11,7 +11,7 @@ from sdstudio import Engine, GenerationRequest
 from sdstudio.models.catalog import ModelRef
 from sdstudio.models.hashing import HashCache
 from sdstudio.models.loader import LoadOptions, ModelManager
-from sdstudio.models.memory import module_bytes, place
+from sdstudio.models.memory import module_bytes
 from sdstudio.testing.tiny import tiny_vae
 from tests.conftest import make_settings
 
@@ -33,10 +33,10 @@ def test_lru_capacity_and_budget(tmp_path, tiny_model):
     assert [m.name for m in tight.loaded] == ["b"] and tight.bytes_used() == one_model
 
 
-def test_offload_on_cpu_keeps_everything_in_place():
+def test_module_bytes_counts_parameter_storage():
     vae = tiny_vae()
-    assert place([vae], torch.device("cpu"), "model") == "none"
     assert module_bytes([vae]) == sum(p.numel() * 4 for p in vae.parameters())
+    assert module_bytes([vae.half()]) == sum(p.numel() * 2 for p in vae.parameters())
 
 
 def test_large_images_decode_with_tiles(tmp_path, tiny_model):
@@ -55,3 +55,17 @@ def test_large_images_decode_with_tiles(tmp_path, tiny_model):
     a = torch.tensor(list(tiled.images[0].image.getdata()), dtype=torch.float32)
     b = torch.tensor(list(plain.images[0].image.getdata()), dtype=torch.float32)
     assert (a - b).abs().mean() < 8  # tiles blend into nearly the same picture
+
+
+def test_offload_modes_give_the_same_image(tmp_path, tiny_model):
+    """The accelerate hooks run on the CPU too (where they save nothing): same pixels in every mode."""
+    req = GenerationRequest(prompt="a circle", steps=3, sampler="Euler a", seed=4, width=64, height=64)
+    results = {}
+    for mode in ("none", "model", "sequential"):
+        settings = replace(make_settings(tmp_path / mode, tiny_model.parent, default_model=str(tiny_model)),
+                           offload=mode)
+        engine = Engine(settings)
+        results[mode] = engine.generate(req)
+        assert engine.load().offload == mode
+    for mode in ("model", "sequential"):
+        assert torch.allclose(results[mode].latents, results["none"].latents, atol=1e-5)

@@ -6,7 +6,7 @@ model:      components on the CPU; each moves to the device when it runs and the
             about the largest component (the UNet) plus activations.
 sequential: weights stream to the device one submodule at a time (accelerate's `cpu_offload`, as
             diffusers' `enable_sequential_cpu_offload`): the least memory, much slower.
-On a CPU device there is nothing to offload to, so every mode is "none" there.
+On a CPU device the hooks still run (and are tested there) but save nothing: weights already live on the CPU.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
 def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -> str:
     """Put `modules` (in execution order: text encoders, UNet, VAE) on `device` per `mode`; returns the
     mode actually used."""
-    if mode == "none" or device.type == "cpu":
+    if mode == "none":
         for module in modules:
             module.to(device)
-        return "none"
+        return mode
     from accelerate import cpu_offload, cpu_offload_with_hook
 
     if mode == "sequential":
@@ -43,10 +43,12 @@ def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
-    """Where `module` computes: its offload hook's execution device, else where its weights are."""
-    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    if hook_device is not None:
-        return torch.device(hook_device)
+    """Where `module` computes: an offload hook's execution device (sequential offload hooks sit on the
+    submodules), else where its weights are."""
+    for part in module.modules():
+        hook_device = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
+        if hook_device is not None:
+            return torch.device(hook_device)
     return next(module.parameters()).device
 
 
