@@ -58,11 +58,17 @@ def test_demo_follows_colour_prompts(demo):
 
 
 def test_img2img_strength_controls_how_far_the_image_moves(demo):
+    """cfg 3: at the default 7 this small model's guidance is strong enough at low noise to redraw the
+    shape already at strength 0.1 (see its model card)."""
     init = draw(ShapeSpec("square", "yellow", "black", "large", (1, 1)))
     prompt = "a small red circle at the top left on a blue background"
-    low = demo.generate(GenerationRequest(prompt=prompt, init_image=init, strength=0.05, seed=3)).images[0].image
-    high = demo.generate(GenerationRequest(prompt=prompt, init_image=init, strength=0.9, seed=3)).images[0].image
-    assert _mean_diff(low, init) < 15  # one step of 20: the square on black stays
+
+    def run(strength: float) -> Image.Image:
+        req = GenerationRequest(prompt=prompt, init_image=init, strength=strength, seed=3, cfg_scale=3)
+        return demo.generate(req).images[0].image
+
+    low, high = run(0.1), run(0.9)
+    assert _mean_diff(low, init) < 15
     assert (analyse(low).shape, analyse(low).background) == ("square", "black")
     found = analyse(high)
     assert (found.background, found.colour) == ("blue", "red")
