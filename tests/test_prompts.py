@@ -61,15 +61,20 @@ def test_break_starts_a_new_window_and_the_negative_is_padded(engine):
     assert result.latents.shape == (1, 4, 8, 8)
 
 
-def test_prompt_editing_switches_at_the_a1111_step(engine):
-    model = engine.load()
+def positive_contexts(engine, req) -> list[torch.Tensor]:
+    """The positive rows of the UNet's cross-attention context at every step of `req`."""
     seen = []
-    handle = model.unet.register_forward_pre_hook(
+    handle = engine.load().unet.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["encoder_hidden_states"][1:]), with_kwargs=True)
     try:
-        engine.generate(REQ.replace(prompt="a [red:blue:0.5] circle", steps=10, cfg_scale=7))
+        engine.generate(req)
     finally:
         handle.remove()
+    return seen
+
+
+def test_prompt_editing_switches_at_the_a1111_step(engine):
+    seen = positive_contexts(engine, REQ.replace(prompt="a [red:blue:0.5] circle", steps=10, cfg_scale=7))
     enc = encoder(engine)
     red, blue = enc("a red circle").embeds, enc("a blue circle").embeds
     used = ["red" if torch.allclose(s, red) else "blue" if torch.allclose(s, blue) else "?" for s in seen]
@@ -77,14 +82,7 @@ def test_prompt_editing_switches_at_the_a1111_step(engine):
 
 
 def test_alternation_alternates_every_step(engine):
-    model = engine.load()
-    seen = []
-    handle = model.unet.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs["encoder_hidden_states"][1:]), with_kwargs=True)
-    try:
-        engine.generate(REQ.replace(prompt="a [red|blue] circle", steps=5))
-    finally:
-        handle.remove()
+    seen = positive_contexts(engine, REQ.replace(prompt="a [red|blue] circle", steps=5))
     enc = encoder(engine)
     red = enc("a red circle").embeds
     assert [torch.allclose(s, red) for s in seen] == [True, True, False, True, False]

@@ -28,6 +28,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def legacy_hash(path: Path) -> str:
+    """A1111's old "model hash": sha256 of the 64 KiB at offset 1 MiB, 8 hex digits."""
+    with path.open("rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 

@@ -42,7 +42,6 @@ a legacy-format `.ckpt` is loaded whole, adding its size to the peak.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -59,7 +58,7 @@ from torch import Tensor
 
 from sdstudio.errors import ModelError
 from sdstudio.models.checkpoint_io import open_state_dict, read_metadata
-from sdstudio.models.hashing import HashCache
+from sdstudio.models.hashing import HashCache, legacy_hash
 
 log = logging.getLogger(__name__)
 
@@ -327,13 +326,6 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def legacy_hash(path: Path) -> str:
-    """A1111's old "model hash": sha256 of the 64 KiB at offset 1 MiB, 8 hex digits."""
-    with path.open("rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def _json_field(metadata: Mapping[str, str], key: str) -> Any:

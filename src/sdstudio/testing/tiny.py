@@ -195,4 +195,5 @@ def build_tiny(family: str, path: Path, *, seed: int = 0) -> Path:
 if __name__ == "__main__":
     import sys
 
-    print(build_tiny(sys.argv[1], Path(sys.argv[2])) if len(sys.argv) > 2 else build_tiny_sd(Path(sys.argv[1])))
+    built = build_tiny(sys.argv[1], Path(sys.argv[2])) if len(sys.argv) > 2 else build_tiny_sd(Path(sys.argv[1]))
+    sys.stdout.write(f"{built}\n")
