@@ -102,3 +102,26 @@ def test_bad_training_data_names_the_file(tmp_path, tiny_vae):
     (data / "000000.png").write_bytes(b"broken")
     with pytest.raises(TrainDataError, match=r"cannot read image .*000000\.png"):
         train_sd(sd_config(str(data), tmp_path / "o3", tiny_vae, 1))
+
+
+def test_inpainting_variant_widens_the_base_and_trains(tmp_path, shapes_folder, tiny_vae):
+    from diffusers import UNet2DConditionModel
+
+    from sdstudio.models.ldm_layout import read_family_from_folder
+    from sdstudio.train.inpaint import random_masks, widen_conv_in
+
+    base = train_sd(sd_config(str(shapes_folder), tmp_path / "base", tiny_vae, steps=2))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    wide = widen_conv_in(unet)
+    x = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():  # zero-initialised extra channels: the base model's output, whatever they hold
+        same = wide(torch.cat([x, torch.randn(1, 5, 8, 8)], 1), 10, context).sample
+        assert torch.allclose(same, unet(x, 10, context).sample, atol=1e-5)
+    masks = random_masks(64, 64, torch.Generator().manual_seed(0))
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and 0.1 < masks.mean() < 0.9
+    cfg = sd_config(str(shapes_folder), tmp_path / "inpaint", tiny_vae, steps=2)
+    out = train_sd(SdTrainConfig(**{**cfg.__dict__, "base": str(base), "inpaint": True}))
+    trained = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert trained.config.in_channels == 9 and trained.conv_in.weight[:, 4:].abs().sum() > 0
+    assert read_family_from_folder(out) == "sd1-inpaint"

@@ -69,15 +69,18 @@ def model(data: Data, out: Out, vae: Annotated[str, typer.Option(help="VAE folde
           ema: Annotated[float, typer.Option(help="EMA decay of the exported weights; 0 turns EMA off.")] = 0.999,
           prediction: Annotated[str, typer.Option(help="epsilon or v_prediction.")] = "epsilon",
           seed: Seed = 0, save_every: SaveEvery = 1000, save_dtype: SaveDtype = "float32",
-          resume: Resume = False) -> None:
+          inpaint: Annotated[bool, typer.Option(help="Make a 9-channel inpainting variant of --base (random masks).")]
+          = False, resume: Resume = False) -> None:
     """Train or fine-tune an SD1.x-layout model (UNet + CLIP text encoder) on captioned images."""
     from sdstudio.train.sd import TEXT_ARCHS, SdTrainConfig, train_sd
 
     _check_choice("arch", arch, TEXT_ARCHS)
     _check_choice("prediction", prediction, ("epsilon", "v_prediction"))
+    if inpaint and not base:
+        _fail("--inpaint widens a trained model: give it --base MODEL")
     cfg = SdTrainConfig(data=data, out=out, vae=vae, base=base, arch=arch, resolution=resolution,
                         batch_size=batch_size, steps=steps, lr=lr, ema_decay=ema, prediction_type=prediction,
-                        seed=seed, save_every=save_every, save_dtype=save_dtype)
+                        seed=seed, save_every=save_every, save_dtype=save_dtype, inpaint=inpaint)
     _train(lambda p: train_sd(cfg, p, resume), steps)
 
 

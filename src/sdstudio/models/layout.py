@@ -38,7 +38,7 @@ SD_MODEL_INDEX = {
 
 
 def save_sd_folder(path: Path, *, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any,
-                   scheduler_config: dict[str, Any]) -> Path:
+                   scheduler_config: dict[str, Any], pipeline: str = "StableDiffusionPipeline") -> Path:
     """Save SD1.x/SD2.x components as a diffusers folder that `from_pretrained` and we both load."""
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(path / "tokenizer")
@@ -49,7 +49,7 @@ def save_sd_folder(path: Path, *, tokenizer: Any, text_encoder: Any, unet: Any, 
     scheduler = {"_class_name": scheduler_config.get("_class_name", "PNDMScheduler"),
                  "_diffusers_version": diffusers.__version__, **scheduler_config}
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = dict(SD_MODEL_INDEX, _diffusers_version=diffusers.__version__,
+    index = dict(SD_MODEL_INDEX, _class_name=pipeline, _diffusers_version=diffusers.__version__,
                  scheduler=["diffusers", scheduler["_class_name"]])
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path

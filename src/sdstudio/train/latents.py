@@ -40,6 +40,10 @@ class LatentSource:
             self.captions += captions
         self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, h, w) each
 
+    def pixels(self, indices: Sequence[int]) -> Tensor:
+        """(B, 3, H, W) images in [-1, 1], the ones `batch(indices)` returns latents of."""
+        return load_batch(self.data, indices, self.resolution)[0]
+
     @torch.no_grad()
     def batch(self, indices: Sequence[int], g: torch.Generator) -> tuple[Tensor, list[str]]:
         """(B, C, h, w) scaled latents and their captions."""

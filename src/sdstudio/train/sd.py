@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdstudio.models.layout import SD15_SCHEDULER, save_sd_folder
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import CaptionedImages, batch_indices, open_data
+from sdstudio.train.inpaint import inpaint_condition, random_masks, widen_conv_in
 from sdstudio.train.latents import LatentSource
 from sdstudio.train.loop import config_json, resume_point, run_steps
 from sdstudio.train.state import ProgressFn, save_state, state_dir, step_generator
@@ -70,6 +71,7 @@ class SdTrainConfig:
     save_every: int = 1000
     save_dtype: str = "float32"
     cache_latents: bool = True   # encode a finite dataset once instead of every step
+    inpaint: bool = False        # train a 9-channel inpainting UNet (train/inpaint.py); needs a base model
 
 
 @dataclass
@@ -94,9 +96,10 @@ def build_parts(cfg: SdTrainConfig) -> Parts:
     vae = load_vae(cfg.vae)
     if cfg.base:
         base = Path(cfg.base)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
         return Parts(CLIPTokenizer.from_pretrained(base / "tokenizer"),
                      CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32),
-                     UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32), vae)
+                     widen_conv_in(unet) if cfg.inpaint else unet, vae)
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
     text = TEXT_ARCHS[cfg.arch]
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -114,12 +117,16 @@ def noise_scheduler(cfg: SdTrainConfig) -> DDPMScheduler:
 
 
 def diffusion_loss(parts: Parts, sched: DDPMScheduler, z: torch.Tensor, captions: list[str], cfg: SdTrainConfig,
-                   g: torch.Generator) -> torch.Tensor:
+                   g: torch.Generator, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """condition: (B, 5, h, w) inpainting input (mask, masked-image latents) concatenated after x_t."""
     ids = parts.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     context = parts.text_encoder(ids)[0]                                    # (B, 77, D)
     noise = torch.randn(z.shape, generator=g)
     t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
-    pred = parts.unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=context).sample
+    x_t = sched.add_noise(z, noise, t)
+    if condition is not None:
+        x_t = torch.cat([x_t, condition], dim=1)  # (B, 9, h, w)
+    pred = parts.unet(x_t, t, encoder_hidden_states=context).sample
     target = noise if cfg.prediction_type == "epsilon" else sched.get_velocity(z, noise, t)
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.snr_gamma:
@@ -160,7 +167,12 @@ def train_sd(cfg: SdTrainConfig, progress: ProgressFn | None = None, resume: boo
         idx = batch_indices(cfg.seed, i, cfg.batch_size, data.size)
         g = step_generator(cfg.seed, i)
         z, captions = latents.batch(idx, g)
-        loss = diffusion_loss(parts, sched, z, drop_captions(captions, cfg.caption_dropout, cfg.seed, i), cfg, g)
+        condition = None
+        if cfg.inpaint:
+            masks = random_masks(len(idx), cfg.resolution, g)
+            condition = inpaint_condition(parts.vae, latents.pixels(idx), masks)
+        loss = diffusion_loss(parts, sched, z, drop_captions(captions, cfg.caption_dropout, cfg.seed, i), cfg, g,
+                              condition)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parts.trainable(), 1.0)
         opt.step()
@@ -198,6 +210,7 @@ def export_model(cfg: SdTrainConfig, parts: Parts, ema: EMAModel | None) -> Path
     dtype = resolve_dtype(cfg.save_dtype, torch.device("cpu"))
     vae = copy.deepcopy(parts.vae)
     save_sd_folder(cfg.out, tokenizer=parts.tokenizer, text_encoder=text_encoder.to(dtype), unet=unet.to(dtype),
-                   vae=vae.to(dtype), scheduler_config={**SD15_SCHEDULER, "prediction_type": cfg.prediction_type})
+                   vae=vae.to(dtype), scheduler_config={**SD15_SCHEDULER, "prediction_type": cfg.prediction_type},
+                   pipeline="StableDiffusionInpaintPipeline" if cfg.inpaint else "StableDiffusionPipeline")
     (cfg.out / "training.json").write_text(json.dumps(config_json(cfg), indent=2))
     return cfg.out
