@@ -12,7 +12,7 @@ from sdstudio.engine.job import Job
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.stages import set_vae_tiling
 from sdstudio.engine.validate import ModelGeometry, check_fields, resolve_request
-from sdstudio.errors import ModelError
+from sdstudio.errors import ModelError, RequestError
 from sdstudio.models import catalog
 from sdstudio.models.catalog import ModelRef
 from sdstudio.models.hashing import HashCache
@@ -56,10 +56,9 @@ class Engine:
         ref = self.model_ref(request.model)
         vae_path = find_vae(request.vae, ref, self.folders.vae)
         model = self.models.get(ref)
-        if model.unet.config.in_channels != model.latent_channels:
-            raise ModelError(f"{model.name} is an inpainting model ({model.unet.config.in_channels}-channel UNet): it "
-                             "needs an image and a mask, and inpainting is not available yet; use a text-to-image "
-                             "model")
+        if model.unet.config.in_channels != model.latent_channels and request.mask is None:
+            raise RequestError(f"{model.name} is an inpainting model ({model.unet.config.in_channels}-channel UNet): "
+                               "give it an image and a mask, or use a text-to-image model", "mask")
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth)
         req, choice = resolve_request(request, geometry, self.settings.limits, model.name)

@@ -59,8 +59,9 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Model": req.model,
         "VAE hash": vae[1] if vae else None,
         "VAE": vae[0] if vae else None,
-        "Denoising strength": req.strength if req.mode == "img2img" else None,
+        "Denoising strength": req.strength if req.mode in ("img2img", "inpaint") else None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "Mask blur": req.mask_blur if req.mode == "inpaint" else None,
         "CFG Rescale phi": req.guidance_rescale or None,
         "Noise Schedule": "Zero Terminal SNR" if req.zero_terminal_snr else None,
         **(extra or {}),
@@ -114,7 +115,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
     conversions = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Model": ("model", str),
                    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
-                   "VAE": ("vae", str), "CFG Rescale phi": ("guidance_rescale", float)}
+                   "Mask blur": ("mask_blur", int), "VAE": ("vae", str), "CFG Rescale phi": ("guidance_rescale", float)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:

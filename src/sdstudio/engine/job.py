@@ -14,6 +14,7 @@ from sdstudio.engine import infotext as a1111
 from sdstudio.engine.addons import AddOns
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
+from sdstudio.engine.inpaint import InpaintInputs, blend_fn, inpaint_inputs, prepare_mask
 from sdstudio.engine.loop import Plan, denoise
 from sdstudio.engine.preview import LatentRGB, fit_latent_rgb
 from sdstudio.engine.record import environment, image_record
@@ -58,7 +59,7 @@ class Job:
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
         req, model = self.req, self.model
-        init = self.init_latents()
+        init, inpaint = self.init_latents()
         images: list[GeneratedImage] = []
         all_latents: list[Tensor] = []
         for iteration in range(req.n_iter):
@@ -66,7 +67,7 @@ class Job:
                 self.cancel.raise_if_cancelled()
             first = iteration * req.batch_size
             seeds = [req.seed + first + k for k in range(req.batch_size)]
-            out = self.run_batch(iteration, seeds, init)
+            out = self.run_batch(iteration, seeds, init, inpaint)
             pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
             for k, picture in enumerate(pictures):
                 capture = out.captures[k] if out.captures else None
@@ -119,17 +120,27 @@ class Job:
         args = ((height, width), (top, left), (req.height, req.width), count)
         return xl_time_ids(*args, req.aesthetic_score), xl_time_ids(*args, req.negative_aesthetic_score)
 
-    def init_latents(self) -> Tensor | None:
-        req = self.req
+    def init_latents(self) -> tuple[Tensor | None, InpaintInputs | None]:
+        """The init image's latents z0 (1, C, h, w), and for inpainting the mask and the UNet's extra input."""
+        req, model = self.req, self.model
         if req.init_image is None:
-            return None
+            return None, None
         if int(req.steps * req.strength) == 0:
             log.warning("strength %s over %d steps denoises nothing: the init image comes back",
                         req.strength, req.steps)
-        latents = encode_image(self.vae, req.init_image, req.width, req.height, self.model.vae_scale_factor)
-        return latents.to(self.model.device, self.model.dtype)  # the VAE may run in float32 (force_upcast)
+        place = {"device": model.device, "dtype": model.dtype}  # the VAE may run in float32 (force_upcast)
+        if req.mask is None:
+            z0 = encode_image(self.vae, req.init_image, req.width, req.height, model.vae_scale_factor)
+            return z0.to(**place), None
+        mask = prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.invert_mask)
+        nine = model.unet.config.in_channels > model.latent_channels
+        inputs = inpaint_inputs(self.vae, req.init_image, mask, req.width, req.height, model.vae_scale_factor, nine)
+        inputs = InpaintInputs(inputs.mask.to(**place), inputs.image_latents.to(**place),
+                               None if inputs.condition is None else inputs.condition.to(**place))
+        return inputs.image_latents, inputs
 
-    def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None) -> BatchOutput:
+    def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None,
+                  inpaint: InpaintInputs | None = None) -> BatchOutput:
         req, model = self.req, self.model
         scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr)
         strength = req.strength if init is not None else None
@@ -139,12 +150,23 @@ class Job:
         noise = initial_noise(generators, (model.latent_channels, req.height // f, req.width // f),
                               model.device, model.dtype)
         batch = len(seeds)
+        start, condition, blend = start_latents(scheduler, noise, timesteps, init), None, None
+        if inpaint is not None:
+            if req.strength >= 1.0:  # diffusers' inpainting: pure noise at full strength
+                start = noise * scheduler.init_noise_sigma
+            if inpaint.condition is not None:
+                condition = inpaint.condition.expand(batch, -1, -1, -1)
+            else:
+                blend = blend_fn(scheduler, timesteps, inpaint.image_latents.expand(batch, -1, -1, -1), noise,
+                                 inpaint.mask)
         plan = Plan(
-            latents=start_latents(scheduler, noise, timesteps, init),
+            latents=start,
             timesteps=timesteps,
             cond=self.batch_conditioning(len(timesteps), batch),
             cfg_scale=float(req.cfg_scale),
             guidance_rescale=float(req.guidance_rescale),
+            condition=condition,
+            blend=blend,
             step_kwargs=step_kwargs(scheduler, generators),
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None

@@ -9,7 +9,7 @@ v-prediction); the loop only feeds it model outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,6 +30,8 @@ class Plan:
     cond: CondProvider              # cond.at(i): positive/negative conditioning for evaluation i
     cfg_scale: float
     guidance_rescale: float = 0.0   # rescale-CFG phi; 0: plain CFG
+    condition: Tensor | None = None  # (B, 5, h, w) mask + masked-image latents after x_t (9-channel inpainting)
+    blend: Callable[[Tensor, int], Tensor] | None = None  # (x after step i, i) -> x, kept region re-imposed
     step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
 
 
@@ -45,7 +47,9 @@ def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None)
         guided = plan.cfg_scale > 1.0 or k > 1  # one positive without guidance: no unconditional branch
         x_in = scheduler.scale_model_input(torch.cat([x] * (k + 1)) if guided else x, t)  # ((k+1)B | B, C, h, w)
         context = cond.cfg_batch if guided else cond.positive
-        out = unet(x_in, t, **context.unet_kwargs(), return_dict=False)[0]
+        model_in = x_in if plan.condition is None else \
+            torch.cat([x_in, plan.condition.repeat(k + 1 if guided else 1, 1, 1, 1)], dim=1)
+        out = unet(model_in, t, **context.unet_kwargs(), return_dict=False)[0]
         if guided:
             uncond, *texts = out.chunk(k + 1)
             delta = sum(w * (text - uncond) for w, text in zip(cond.weights, texts, strict=True))
@@ -53,6 +57,8 @@ def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None)
             if plan.guidance_rescale > 0:
                 out = rescale_cfg(out, uncond + delta, plan.guidance_rescale)
         x = scheduler.step(out, t, x, **plan.step_kwargs, return_dict=False)[0]
+        if plan.blend is not None:
+            x = plan.blend(x, i)
         if hook is not None:
             x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)
             hook(StepState(i, total, t, x, x0))

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 DEFAULT_SAMPLER = "DPM++ 2M"
+IMAGES = ("init_image", "mask")  # request fields that hold pictures: recorded by size and pixel hash
 DEFAULT_SCHEDULE = "Automatic"
 
 
@@ -39,6 +40,9 @@ class GenerationRequest:
     model: str | None = None
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)
     strength: float = 0.75
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)  # inpainting: white = repaint
+    mask_blur: int = 4           # Gaussian blur radius of the mask in pixels (A1111's "Mask blur")
+    invert_mask: bool = False    # repaint the black part instead
     capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
     prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, [a:b:0.5], [a|b], AND) | compel | plain
     clip_skip: int = 1      # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before...
@@ -54,6 +58,8 @@ class GenerationRequest:
 
     @property
     def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
         return "img2img" if self.init_image is not None else "txt2img"
 
     @property
@@ -65,17 +71,22 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the init image is recorded by size and pixel hash, not embedded."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init_image"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMAGES}
         out["mode"] = self.mode
-        if self.init_image is not None:
-            out["init_image"] = {"size": list(self.init_image.size), "sha256": image_sha256(self.init_image)}
-        else:
+        for name in IMAGES:
+            image = getattr(self, name)
+            if image is not None:
+                out[name] = {"size": list(image.size), "sha256": image_sha256(image)}
+        if self.init_image is None:
             out.pop("strength")
+        if self.mask is None:
+            for name in ("mask_blur", "invert_mask"):
+                out.pop(name)
         return out
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)} - {"init_image"}
+        return {f.name for f in dataclasses.fields(cls)} - set(IMAGES)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:

@@ -81,7 +81,13 @@ def encode_image(vae: Any, image: Image.Image, width: int, height: int, factor: 
     the reproducibility contract holds for it too.
     """
     pixels = image_processor(factor).preprocess(image.convert("RGB"), height=height, width=width)
-    pixels = pixels.to(device=device_of(vae), dtype=vae.dtype)  # (1, 3, H, W) in [-1, 1]
+    return encode_pixels(vae, pixels)
+
+
+@torch.inference_mode()
+def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
+    """(B, C, h, w) scaled posterior-mean latents of images (B, 3, H, W) in [-1, 1]."""
+    pixels = pixels.to(device=device_of(vae), dtype=vae.dtype)
     return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
 
 

@@ -41,6 +41,9 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
                            "prompt_syntax")
     plan_prompts(req.prompt, req.negative_prompt, req.steps, req.prompt_syntax)  # syntax errors, with columns
     _check_int(req.clip_skip, "clip_skip", 1, 12)
+    if req.mask is not None and req.init_image is None:
+        raise RequestError("a mask needs an init image to inpaint", "mask")
+    _check_int(req.mask_blur, "mask_blur", 0, 64)
     if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
         raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",
                            "guidance_rescale")
