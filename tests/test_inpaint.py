@@ -81,3 +81,22 @@ def test_inpainting_model_without_a_mask_is_a_clear_error(tmp_path, models):
         engine.generate(GenerationRequest(prompt="x", model=str(models["nine"]), steps=1))
     with pytest.raises(RequestError, match="mask needs an init image"):
         engine.generate(GenerationRequest(prompt="x", model=str(models["four"]), mask=square_mask(), steps=1))
+
+
+def test_cli_inpaint(tmp_path, models):
+    from tests.test_cli import run
+
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    shapes_image().save(tmp_path / "init.png")
+    square_mask().save(tmp_path / "mask.png")
+    proc = run(["inpaint", "init.png", "mask.png", "a blue square", "-m", str(models["nine"]), "--steps", "2",
+                "--mask-blur", "2", "--seed", "3"], tmp_path, tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    saved = proc.stdout.split()[0]
+    assert "img2img-images" in saved
+    from sdstudio.engine.output import read_metadata
+
+    meta = read_metadata(tmp_path / saved)
+    assert "Mask blur: 2" in meta.infotext and meta.record["request"]["mode"] == "inpaint"
+    missing = run(["inpaint", "init.png", "nope.png", "x", "-m", str(models["nine"])], tmp_path, tmp_path / "home")
+    assert missing.returncode == 2 and "nope.png" in missing.stderr

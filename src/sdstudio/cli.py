@@ -135,6 +135,33 @@ def img2img(ctx: typer.Context,
 
 
 @app.command()
+def inpaint(ctx: typer.Context,
+            image: Annotated[Path, typer.Argument(help="The image to repaint part of.")],
+            mask: Annotated[Path, typer.Argument(help="White where the image is repainted, black where it is kept.")],
+            prompt: Annotated[str | None, typer.Argument(help="What to draw in the masked part.")] = None,
+            strength: Annotated[float | None, typer.Option(help="Denoising strength 0-1. [default: 0.75]")] = None,
+            mask_blur: Annotated[int | None, typer.Option(help="Mask blur radius in pixels. [default: 4]")] = None,
+            invert: Annotated[bool | None, typer.Option("--invert", help="Repaint the black part instead.")] = None,
+            negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
+            sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
+            height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
+            capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
+            vae: Vae = None) -> None:
+    """Repaint the masked part of an image: inpainting checkpoints use the mask directly, ordinary ones keep
+    the unmasked part at every step."""
+    overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
+                           sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
+                           batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
+                           mask_blur=mask_blur, invert_mask=invert, prompt_syntax=prompt_syntax,
+                           clip_skip=clip_skip, vae=vae)
+    try:
+        pictures = {"init_image": open_image(image), "mask": open_image(mask)}
+    except SdStudioError as e:
+        fail(str(e))
+    _run(ctx.obj, _request({}, {**overrides, **pictures}), out)
+
+
+@app.command()
 def info(image: Annotated[Path, typer.Argument(help="A PNG made by sdstudio or AUTOMATIC1111.")],
          as_json: Annotated[bool, typer.Option("--json", help="Print the parsed request as JSON.")] = False) -> None:
     """Print the generation parameters stored in an image."""

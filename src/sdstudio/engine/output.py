@@ -41,7 +41,7 @@ def to_json(data: Any) -> str:
 
 def save_result(result: GenerationResult, root: Path) -> list[SavedImage]:
     """Save every image into <root>/<mode>-images/<date>/NNNNN-<seed>.png (captures beside it)."""
-    folder = dated_folder(root, result.request.mode)
+    folder = dated_folder(root, "img2img" if result.request.mode == "inpaint" else result.request.mode)  # as A1111
     saved = []
     for im in result.images:
         text = {INFOTEXT_CHUNK: im.infotext, RECORD_CHUNK: to_json(im.record)}
