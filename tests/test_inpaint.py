@@ -100,3 +100,32 @@ def test_cli_inpaint(tmp_path, models):
     assert "Mask blur: 2" in meta.infotext and meta.record["request"]["mode"] == "inpaint"
     missing = run(["inpaint", "init.png", "nope.png", "x", "-m", str(models["nine"])], tmp_path, tmp_path / "home")
     assert missing.returncode == 2 and "nope.png" in missing.stderr
+
+
+@pytest.mark.parametrize("content", ["fill", "latent noise", "latent nothing"])
+def test_masked_content_changes_only_where_the_mask_is(tmp_path, models, content):
+    engine = Engine(make_settings(tmp_path, models["root"]))
+    init, mask = shapes_image(), square_mask()
+    req = GenerationRequest(prompt="a blue square", model=str(models["four"]), init_image=init, mask=mask,
+                            mask_blur=0, strength=0.5, steps=4, sampler="Euler", seed=SEED)
+    original = engine.generate(req)
+    other = engine.generate(req.replace(masked_content=content))
+    assert not torch.equal(original.latents, other.latents)
+    model = engine.load(str(models["four"]))
+    keep = inpaint_inputs(model.vae, init, mask, 64, 64, 8, nine_channel=False).mask[0, 0] == 0
+    if content != "fill":  # fill re-encodes the whole image, so the kept latents move a little near the mask
+        assert torch.allclose(other.latents[:, :, keep], original.latents[:, :, keep], atol=1e-5)
+    assert f"Masked content: {content}" in other.images[0].infotext
+    with pytest.raises(RequestError, match="masked_content must be one of"):
+        engine.generate(req.replace(masked_content="blur"))
+
+
+def test_fill_spreads_the_surrounding_colours():
+    from sdstudio.engine.inpaint import fill_masked
+
+    image = Image.new("RGB", (64, 64), (30, 60, 200))
+    ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill=(255, 0, 0))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    filled = fill_masked(image, mask).getpixel((32, 32))
+    assert filled[2] > 150 and filled[0] < 80  # the red square is gone; blue from around it

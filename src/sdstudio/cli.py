@@ -142,6 +142,8 @@ def inpaint(ctx: typer.Context,
             strength: Annotated[float | None, typer.Option(help="Denoising strength 0-1. [default: 0.75]")] = None,
             mask_blur: Annotated[int | None, typer.Option(help="Mask blur radius in pixels. [default: 4]")] = None,
             invert: Annotated[bool | None, typer.Option("--invert", help="Repaint the black part instead.")] = None,
+            fill: Annotated[str | None, typer.Option("--fill", help="Masked content: fill, original, 'latent noise' "
+                                                                    "or 'latent nothing'. [default: original]")] = None,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
@@ -152,7 +154,7 @@ def inpaint(ctx: typer.Context,
     overrides = _overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                            sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                            batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
-                           mask_blur=mask_blur, invert_mask=invert, prompt_syntax=prompt_syntax,
+                           mask_blur=mask_blur, invert_mask=invert, masked_content=fill, prompt_syntax=prompt_syntax,
                            clip_skip=clip_skip, vae=vae)
     try:
         pictures = {"init_image": open_image(image), "mask": open_image(mask)}

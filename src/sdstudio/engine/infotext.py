@@ -62,6 +62,7 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Denoising strength": req.strength if req.mode in ("img2img", "inpaint") else None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "Mask blur": req.mask_blur if req.mode == "inpaint" else None,
+        "Masked content": req.masked_content if req.mode == "inpaint" else None,
         "CFG Rescale phi": req.guidance_rescale or None,
         "Noise Schedule": "Zero Terminal SNR" if req.zero_terminal_snr else None,
         **(extra or {}),
@@ -115,7 +116,8 @@ def request_fields(info: Infotext) -> dict[str, Any]:
     conversions = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Model": ("model", str),
                    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
-                   "Mask blur": ("mask_blur", int), "VAE": ("vae", str), "CFG Rescale phi": ("guidance_rescale", float)}
+                   "Mask blur": ("mask_blur", int), "Masked content": ("masked_content", str), "VAE": ("vae", str),
+                   "CFG Rescale phi": ("guidance_rescale", float)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:

@@ -41,6 +41,39 @@ def prepare_mask(mask: Image.Image, width: int, height: int, blur: int, invert: 
     return grey.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else grey
 
 
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3
+
+
+def fill_masked(image: Image.Image, mask: Image.Image, sigma: float = 8.0) -> Image.Image:
+    """A1111's "fill": the masked pixels replaced by a wide blur of the unmasked ones around them,
+    blur(image * keep) / blur(keep), so the masked area starts from the surrounding colours."""
+    keep = torch.from_numpy((np.asarray(mask, np.float32) / 255.0 < 0.5).astype(np.float32))[None, None]  # (1,1,H,W)
+    rgb = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32)).permute(2, 0, 1)[None]        # (1,3,H,W)
+    weight = _gaussian_blur(keep, sigma)
+    spread = _gaussian_blur(rgb * keep, sigma) / weight.clamp(min=1e-6)
+    fallback = (rgb * keep).sum((2, 3), keepdim=True) / keep.sum().clamp(min=1)  # far from any kept pixel
+    out = torch.where(keep > 0, rgb, torch.where(weight > 1e-3, spread, fallback))
+    return Image.fromarray(out[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy())
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (1, C, H, W) with zero padding (the normalised fill divides it out)."""
+    half = int(3 * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).repeat(x.shape[1], 1, 1)                                     # (C, 1, K)
+    x = F.conv2d(x, taps[:, :, None, :], padding=(0, half), groups=x.shape[1])
+    return F.conv2d(x, taps[:, :, :, None], padding=(half, 0), groups=x.shape[1])
+
+
+def masked_start(z0: Tensor, mask: Tensor, content: str, extra_noise: Tensor) -> Tensor:
+    """The init latents the masked area starts from: z0 ("fill", "original"), noise or zeros. (B, C, h, w)."""
+    if content == "latent noise":
+        return z0 * (1 - mask) + extra_noise * mask
+    if content == "latent nothing":
+        return z0 * (1 - mask)
+    return z0.expand_as(extra_noise)
+
+
 @torch.inference_mode()
 def inpaint_inputs(vae: Any, image: Image.Image, mask: Image.Image, width: int, height: int, factor: int,
                    nine_channel: bool) -> InpaintInputs:

@@ -8,13 +8,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from sdstudio.engine import infotext as a1111
 from sdstudio.engine.addons import AddOns
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
-from sdstudio.engine.inpaint import InpaintInputs, blend_fn, inpaint_inputs, prepare_mask
+from sdstudio.engine.inpaint import (
+    InpaintInputs,
+    blend_fn,
+    fill_masked,
+    inpaint_inputs,
+    masked_start,
+    prepare_mask,
+)
 from sdstudio.engine.loop import Plan, denoise
 from sdstudio.engine.preview import LatentRGB, fit_latent_rgb
 from sdstudio.engine.record import environment, image_record
@@ -133,8 +141,11 @@ class Job:
             z0 = encode_image(self.vae, req.init_image, req.width, req.height, model.vae_scale_factor)
             return z0.to(**place), None
         mask = prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.invert_mask)
+        image = req.init_image.convert("RGB")
+        if req.masked_content == "fill":
+            image = fill_masked(image.resize((req.width, req.height), Image.Resampling.LANCZOS), mask)
         nine = model.unet.config.in_channels > model.latent_channels
-        inputs = inpaint_inputs(self.vae, req.init_image, mask, req.width, req.height, model.vae_scale_factor, nine)
+        inputs = inpaint_inputs(self.vae, image, mask, req.width, req.height, model.vae_scale_factor, nine)
         inputs = InpaintInputs(inputs.mask.to(**place), inputs.image_latents.to(**place),
                                None if inputs.condition is None else inputs.condition.to(**place))
         return inputs.image_latents, inputs
@@ -150,6 +161,9 @@ class Job:
         noise = initial_noise(generators, (model.latent_channels, req.height // f, req.width // f),
                               model.device, model.dtype)
         batch = len(seeds)
+        if inpaint is not None and req.masked_content in ("latent noise", "latent nothing"):
+            extra = initial_noise(generators, tuple(noise.shape[1:]), model.device, model.dtype)  # next draws
+            init = masked_start(inpaint.image_latents, inpaint.mask, req.masked_content, extra)
         start, condition, blend = start_latents(scheduler, noise, timesteps, init), None, None
         if inpaint is not None:
             if req.strength >= 1.0:  # diffusers' inpainting: pure noise at full strength

@@ -43,6 +43,7 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # inpainting: white = repaint
     mask_blur: int = 4           # Gaussian blur radius of the mask in pixels (A1111's "Mask blur")
     invert_mask: bool = False    # repaint the black part instead
+    masked_content: str = "original"  # the masked area starts from: fill | original | latent noise | latent nothing
     capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
     prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, [a:b:0.5], [a|b], AND) | compel | plain
     clip_skip: int = 1      # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before...
@@ -80,7 +81,7 @@ class GenerationRequest:
         if self.init_image is None:
             out.pop("strength")
         if self.mask is None:
-            for name in ("mask_blur", "invert_mask"):
+            for name in ("mask_blur", "invert_mask", "masked_content"):
                 out.pop(name)
         return out
 

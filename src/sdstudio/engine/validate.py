@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from sdstudio.engine.inpaint import MASKED_CONTENT
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import RequestError
 from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
@@ -44,6 +45,9 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     if req.mask is not None and req.init_image is None:
         raise RequestError("a mask needs an init image to inpaint", "mask")
     _check_int(req.mask_blur, "mask_blur", 0, 64)
+    if req.masked_content not in MASKED_CONTENT:
+        raise RequestError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {req.masked_content!r}",
+                           "masked_content")
     if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
         raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",
                            "guidance_rescale")
