@@ -8,7 +8,6 @@ its name (the file stem) in the prompt or negative prompt. Both are undone when 
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -24,6 +23,7 @@ from sdstudio.models.embeddings import (
     embedding_fits,
     embeddings_applied,
     expand_prompt,
+    name_pattern,
     read_embedding,
     ti_hashes,
 )
@@ -120,9 +120,11 @@ class AddOnLibrary:
         (an embedding for another family is skipped with a warning, as A1111 does)."""
         prompt, found = self.find_loras(prompt)
         loras = tuple((self._read(path, read_lora), weight) for path, weight in found)
-        text = f"{prompt}\n{negative_prompt}"
-        used = [p for n, p in self.embedding_files().items()
-                if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", text, re.IGNORECASE)]
+        files = self.embedding_files()
+        pattern = name_pattern(files)
+        names = [] if pattern is None else dict.fromkeys(m.group(1).lower() for m in
+                                                         pattern.finditer(f"{prompt}\n{negative_prompt}"))
+        used = [files[n] for n in names]
         embeddings = []
         for path in used:
             embedding = self._read(path, lambda q: read_embedding(q, self.hashes))

@@ -110,7 +110,7 @@ def _as_matrix(value: object, where: str) -> Tensor:
     return (value[None] if value.dim() == 1 else value).detach().to("cpu", torch.float32).contiguous()
 
 
-def _pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+def name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
     """Any of `names` as a whole word, longest first, any case."""
     ordered = sorted(set(names), key=len, reverse=True)
     if not ordered:
@@ -121,7 +121,7 @@ def _pattern(names: Iterable[str]) -> re.Pattern[str] | None:
 def used_embeddings(text: str, available: Iterable[Embedding]) -> list[Embedding]:
     """The embeddings whose names appear in `text` as words, in order of first use."""
     by_name = {e.name: e for e in available}
-    pattern = _pattern(by_name)
+    pattern = name_pattern(by_name)
     if pattern is None:
         return []
     seen = dict.fromkeys(m.group(1).lower() for m in pattern.finditer(text))
@@ -131,7 +131,7 @@ def used_embeddings(text: str, available: Iterable[Embedding]) -> list[Embedding
 def expand_prompt(text: str, embeddings: Iterable[Embedding]) -> str:
     """Write each embedding's n tokens where `text` uses its name: "a mystyle cat" -> "a mystyle mystyle_1 cat"."""
     by_name = {e.name: e for e in embeddings}
-    pattern = _pattern(by_name)
+    pattern = name_pattern(by_name)
     if pattern is None:
         return text
     return pattern.sub(lambda m: " ".join(by_name[m.group(1).lower()].tokens), text)

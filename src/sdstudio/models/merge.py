@@ -57,6 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdstudio.errors import ModelError
+from sdstudio.models.catalog import RECIPE_SUFFIX
 from sdstudio.models.checkpoint_io import open_state_dict, read_metadata
 from sdstudio.models.hashing import HashCache, legacy_hash
 
@@ -66,7 +67,6 @@ MergeMethod = Literal["weighted-sum", "add-difference"]
 OutputDtype = Literal["float16", "float32", "bfloat16"]
 Progress = Callable[[int, int], None]
 
-RECIPE_SUFFIX = ".merge.json"
 METHOD_MODELS: dict[str, int] = {"weighted-sum": 2, "add-difference": 3}
 A1111_METHOD_NAMES = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
