@@ -6,6 +6,7 @@ import logging
 import time
 
 from sdstudio import __version__
+from sdstudio.engine import canvas
 from sdstudio.engine.addons import AddOnLibrary
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.job import Job
@@ -56,9 +57,7 @@ class Engine:
         ref = self.model_ref(request.model)
         vae_path = find_vae(request.vae, ref, self.folders.vae)
         model = self.models.get(ref)
-        if model.unet.config.in_channels != model.latent_channels and request.mask is None:
-            raise RequestError(f"{model.name} is an inpainting model ({model.unet.config.in_channels}-channel UNet): "
-                               "give it an image and a mask, or use a text-to-image model", "mask")
+        request, warnings = inpaint_checks(request, model)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth)
         req, choice = resolve_request(request, geometry, self.settings.limits, model.name)
@@ -71,4 +70,29 @@ class Engine:
                        model.offload != "none")
         with addons.applied(model):
             images, latents = job.run()
-        return GenerationResult(req, images, latents, time.perf_counter() - start)
+        return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
+
+
+def inpaint_checks(req: GenerationRequest, model: LoadedModel) -> tuple[GenerationRequest, list[str]]:
+    """Mask problems a user should hear about: errors for what cannot run, warnings for what we adjusted."""
+    channels = model.unet.config.in_channels
+    nine = channels != model.latent_channels
+    if nine and req.mask is None:
+        raise RequestError(f"{model.name} is an inpainting model ({channels}-channel UNet): give it an image and "
+                           "a mask, or use a text-to-image model", "mask")
+    if req.mask is None:
+        return req, []
+    if req.inpaint_method == "condition" and not nine:
+        raise RequestError(f"inpaint_method 'condition' needs an inpainting checkpoint (9-channel UNet); {model.name} "
+                           f"has {channels} input channels: use 'blend' or 'auto'", "inpaint_method")
+    warnings = []
+    if req.init_image is not None and req.mask.size != req.init_image.size:
+        warnings.append(f"the mask is {req.mask.width}x{req.mask.height} but the image is "
+                        f"{req.init_image.width}x{req.init_image.height}: the mask was resized to fit")
+    if canvas.is_empty(req.mask, req.invert_mask):
+        warnings.append("the mask is empty (nothing is white): ran as plain img2img")
+        # an inpainting UNet still needs its mask input: an all-zero mask, and nothing pasted back
+        req = req.replace(keep_unmasked=False, only_masked=False) if nine else req.replace(mask=None)
+    for warning in warnings:
+        log.info("warning for the user: %s", warning)  # doors show result.warnings
+    return req, warnings

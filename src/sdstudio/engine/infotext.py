@@ -63,6 +63,9 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "Mask blur": req.mask_blur if req.mode == "inpaint" else None,
         "Masked content": req.masked_content if req.mode == "inpaint" else None,
+        "Inpaint area": "Only masked" if req.mode == "inpaint" and req.only_masked else None,
+        "Masked area padding": req.only_masked_padding if req.mode == "inpaint" and req.only_masked else None,
+        "Soft inpainting enabled": True if req.mode == "inpaint" and req.soft_inpainting else None,
         "CFG Rescale phi": req.guidance_rescale or None,
         "Noise Schedule": "Zero Terminal SNR" if req.zero_terminal_snr else None,
         **(extra or {}),
@@ -117,7 +120,8 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Size-1": ("width", int), "Size-2": ("height", int), "Model": ("model", str),
                    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                    "Mask blur": ("mask_blur", int), "Masked content": ("masked_content", str), "VAE": ("vae", str),
-                   "CFG Rescale phi": ("guidance_rescale", float)}
+                   "CFG Rescale phi": ("guidance_rescale", float),
+                   "Masked area padding": ("only_masked_padding", int)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:
@@ -126,6 +130,10 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                 continue
     if p.get("Noise Schedule") == "Zero Terminal SNR":
         fields["zero_terminal_snr"] = True
+    if "Inpaint area" in p:
+        fields["only_masked"] = p["Inpaint area"] == "Only masked"
+    if p.get("Soft inpainting enabled") == "True":
+        fields["soft_inpainting"] = True
     if "Sampler" in p:
         sampler, legacy_schedule = split_legacy_name(p["Sampler"])
         fields["sampler"] = sampler

@@ -1,10 +1,13 @@
 """Inpainting inputs for the one loop: the mask at latent size and what the UNet or the blend needs.
 
 Masks are white (or any value >= 0.5 after blurring) where the image is repainted. Two methods:
-- 9-channel checkpoints: the UNet input is cat(x_t, mask, masked-image latents), the masked pixels set
-  to 0 (grey in [-1, 1]) before encoding, as diffusers' inpainting pipeline does.
-- ordinary checkpoints: after every step the kept region is put back, noised to the next timestep:
+- "condition" (9-channel checkpoints): the UNet input is cat(x_t, mask, masked-image latents), the masked
+  pixels set to 0 (grey in [-1, 1]) before encoding, as diffusers' inpainting pipeline does.
+- "blend" (any checkpoint): after every step the kept region is put back, noised to the next timestep:
   x = add_noise(z0, noise, t_next) * (1 - m) + x * m (the last step puts back z0 itself).
+Soft inpainting replaces the 0/1 mask by a per-pixel strength s in [0, 1] (the grey mask): a pixel is
+held to the noised original until step ceil(N * (1 - s)) of the N steps and free after it, so s acts
+like img2img strength pixel by pixel (as differential diffusion, Levin & Fried 2023).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from sdstudio.engine.stages import encode_pixels, image_processor
@@ -29,18 +32,15 @@ class InpaintInputs:
     mask: Tensor           # (1, 1, h, w) 0/1 at latent size, 1 = repaint
     image_latents: Tensor  # (1, C, h, w) the init image's latents z0
     condition: Tensor | None  # (1, 1 + C, h, w) mask and masked-image latents, for 9-channel UNets
+    strength: Tensor       # (1, 1, h, w) the grey mask area-averaged to latent size, in [0, 1]
+
+    def to(self, **place: Any) -> InpaintInputs:
+        condition = None if self.condition is None else self.condition.to(**place)
+        return InpaintInputs(self.mask.to(**place), self.image_latents.to(**place), condition,
+                             self.strength.to(**place))
 
 
-def prepare_mask(mask: Image.Image, width: int, height: int, blur: int, invert: bool) -> Image.Image:
-    """The mask as a greyscale image of the output size, inverted and Gaussian-blurred as asked."""
-    grey = mask.convert("L")
-    if invert:
-        grey = ImageOps.invert(grey)
-    if grey.size != (width, height):
-        grey = grey.resize((width, height), Image.Resampling.LANCZOS)
-    return grey.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else grey
-
-
+INPAINT_METHODS = ("auto", "condition", "blend")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3
 
 
@@ -78,14 +78,15 @@ def masked_start(z0: Tensor, mask: Tensor, content: str, extra_noise: Tensor) ->
 def inpaint_inputs(vae: Any, image: Image.Image, mask: Image.Image, width: int, height: int, factor: int,
                    nine_channel: bool) -> InpaintInputs:
     pixels = image_processor(factor).preprocess(image.convert("RGB"), height=height, width=width)  # (1, 3, H, W)
-    binary = torch.from_numpy((np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32))[None, None]
+    grey = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]    # (1, 1, H, W)
+    binary = (grey >= 0.5).float()
     z0 = encode_pixels(vae, pixels)
     latent_mask = F.interpolate(binary, size=z0.shape[-2:])                           # nearest, as diffusers
     condition = None
     if nine_channel:
         masked = encode_pixels(vae, pixels * (binary < 0.5))
         condition = torch.cat([latent_mask.to(masked), masked], dim=1)
-    return InpaintInputs(latent_mask, z0, condition)
+    return InpaintInputs(latent_mask, z0, condition, F.adaptive_avg_pool2d(grey, z0.shape[-2:]))
 
 
 def blend_fn(scheduler: Any, timesteps: Tensor, z0: Tensor, noise: Tensor, mask: Tensor) -> Blend:
@@ -96,5 +97,19 @@ def blend_fn(scheduler: Any, timesteps: Tensor, z0: Tensor, noise: Tensor, mask:
     def blend(x: Tensor, i: int) -> Tensor:
         known = z0 if i + 1 >= len(timesteps) else scheduler.add_noise(z0, noise, timesteps[i + 1: i + 2])
         return known * keep + x * mask
+
+    return blend
+
+
+def soft_blend_fn(scheduler: Any, timesteps: Tensor, z0: Tensor, noise: Tensor, strength: Tensor) -> Blend:
+    """Per-pixel strength s (1, 1, h, w): before step j a pixel is free when s > 0 and j >= N * (1 - s),
+    otherwise it is set to z0 noised to t_j (after the last step, j = N: z0 itself where s = 0)."""
+    steps = len(timesteps)
+
+    def blend(x: Tensor, i: int) -> Tensor:
+        j = i + 1
+        free = ((strength > 0) & (j >= steps * (1 - strength))).to(x.dtype)
+        known = z0 if j >= steps else scheduler.add_noise(z0, noise, timesteps[j: j + 1])
+        return known * (1 - free) + x * free
 
     return blend

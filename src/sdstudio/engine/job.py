@@ -8,21 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from sdstudio.engine import infotext as a1111
 from sdstudio.engine.addons import AddOns
+from sdstudio.engine.canvas import Canvas, inpaint_source
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
-from sdstudio.engine.inpaint import (
-    InpaintInputs,
-    blend_fn,
-    fill_masked,
-    inpaint_inputs,
-    masked_start,
-    prepare_mask,
-)
+from sdstudio.engine.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.loop import Plan, denoise
 from sdstudio.engine.preview import LatentRGB, fit_latent_rgb
 from sdstudio.engine.record import environment, image_record
@@ -67,7 +60,7 @@ class Job:
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
         req, model = self.req, self.model
-        init, inpaint = self.init_latents()
+        init, inpaint, canvas = self.init_latents()
         images: list[GeneratedImage] = []
         all_latents: list[Tensor] = []
         for iteration in range(req.n_iter):
@@ -77,6 +70,8 @@ class Job:
             seeds = [req.seed + first + k for k in range(req.batch_size)]
             out = self.run_batch(iteration, seeds, init, inpaint)
             pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
+            if canvas is not None:
+                pictures = [canvas.finish(picture) for picture in pictures]
             for k, picture in enumerate(pictures):
                 capture = out.captures[k] if out.captures else None
                 images.append(self.describe(picture, first + k, seeds[k], out.scheduler_config, capture))
@@ -128,27 +123,31 @@ class Job:
         args = ((height, width), (top, left), (req.height, req.width), count)
         return xl_time_ids(*args, req.aesthetic_score), xl_time_ids(*args, req.negative_aesthetic_score)
 
-    def init_latents(self) -> tuple[Tensor | None, InpaintInputs | None]:
-        """The init image's latents z0 (1, C, h, w), and for inpainting the mask and the UNet's extra input."""
+    def init_latents(self) -> tuple[Tensor | None, InpaintInputs | None, Canvas | None]:
+        """The init image's latents z0 (1, C, h, w); for inpainting also the mask and the UNet's extra
+        input, and the canvas the pictures go back into."""
         req, model = self.req, self.model
         if req.init_image is None:
-            return None, None
+            return None, None, None
         if int(req.steps * req.strength) == 0:
             log.warning("strength %s over %d steps denoises nothing: the init image comes back",
                         req.strength, req.steps)
         place = {"device": model.device, "dtype": model.dtype}  # the VAE may run in float32 (force_upcast)
         if req.mask is None:
             z0 = encode_image(self.vae, req.init_image, req.width, req.height, model.vae_scale_factor)
-            return z0.to(**place), None
-        mask = prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.invert_mask)
-        image = req.init_image.convert("RGB")
-        if req.masked_content == "fill":
-            image = fill_masked(image.resize((req.width, req.height), Image.Resampling.LANCZOS), mask)
-        nine = model.unet.config.in_channels > model.latent_channels
-        inputs = inpaint_inputs(self.vae, image, mask, req.width, req.height, model.vae_scale_factor, nine)
-        inputs = InpaintInputs(inputs.mask.to(**place), inputs.image_latents.to(**place),
-                               None if inputs.condition is None else inputs.condition.to(**place))
-        return inputs.image_latents, inputs
+            return z0.to(**place), None, None
+        source = inpaint_source(req.init_image, req.mask, req.width, req.height, blur=req.mask_blur,
+                                invert=req.invert_mask, only_masked=req.only_masked,
+                                padding=req.only_masked_padding, keep_unmasked=req.keep_unmasked,
+                                soft=req.soft_inpainting)
+        image = fill_masked(source.image, source.mask) if req.masked_content == "fill" else source.image
+        inputs = inpaint_inputs(self.vae, image, source.mask, req.width, req.height, model.vae_scale_factor,
+                                self.nine_channel).to(**place)
+        return inputs.image_latents, inputs, source.canvas
+
+    @property
+    def nine_channel(self) -> bool:
+        return self.model.unet.config.in_channels > self.model.latent_channels
 
     def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None,
                   inpaint: InpaintInputs | None = None) -> BatchOutput:
@@ -170,9 +169,11 @@ class Job:
                 start = noise * scheduler.init_noise_sigma
             if inpaint.condition is not None:
                 condition = inpaint.condition.expand(batch, -1, -1, -1)
-            else:
-                blend = blend_fn(scheduler, timesteps, inpaint.image_latents.expand(batch, -1, -1, -1), noise,
-                                 inpaint.mask)
+            z0 = inpaint.image_latents.expand(batch, -1, -1, -1)
+            if req.soft_inpainting:
+                blend = soft_blend_fn(scheduler, timesteps, z0, noise, inpaint.strength)
+            elif inpaint.condition is None or req.inpaint_method == "blend":
+                blend = blend_fn(scheduler, timesteps, z0, noise, inpaint.mask)
         plan = Plan(
             latents=start,
             timesteps=timesteps,

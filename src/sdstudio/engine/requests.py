@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 DEFAULT_SAMPLER = "DPM++ 2M"
 IMAGES = ("init_image", "mask")  # request fields that hold pictures: recorded by size and pixel hash
 DEFAULT_SCHEDULE = "Automatic"
+INPAINT_FIELDS = ("mask_blur", "invert_mask", "masked_content", "inpaint_method", "only_masked",
+                  "only_masked_padding", "keep_unmasked", "soft_inpainting")  # meaningful only with a mask
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class GenerationRequest:
     mask_blur: int = 4           # Gaussian blur radius of the mask in pixels (A1111's "Mask blur")
     invert_mask: bool = False    # repaint the black part instead
     masked_content: str = "original"  # the masked area starts from: fill | original | latent noise | latent nothing
+    inpaint_method: str = "auto"  # auto (the checkpoint's) | condition (9-channel UNet input) | blend (any model)
+    only_masked: bool = False     # A1111's "Inpaint area: Only masked": generate the mask's box at width x height
+    only_masked_padding: int = 32  # pixels of context around the mask's box ("Masked area padding")
+    keep_unmasked: bool = True    # paste the result back so pixels outside the mask stay exactly as given
+    soft_inpainting: bool = False  # grey mask values are per-pixel strengths instead of a 0/1 mask
     capture_every: int = 0  # keep latents and predicted x0 every N steps (0: off)
     prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, [a:b:0.5], [a|b], AND) | compel | plain
     clip_skip: int = 1      # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before...
@@ -81,7 +88,7 @@ class GenerationRequest:
         if self.init_image is None:
             out.pop("strength")
         if self.mask is None:
-            for name in ("mask_blur", "invert_mask", "masked_content"):
+            for name in INPAINT_FIELDS:
                 out.pop(name)
         return out
 
@@ -134,6 +141,7 @@ class GenerationResult:
     images: list[GeneratedImage]
     latents: Tensor              # (N, C, h, w) final latents on the CPU, before VAE decoding
     seconds: float
+    warnings: tuple[str, ...] = ()  # what the engine changed or doubted about the request, for the user
 
     @property
     def seeds(self) -> list[int]:

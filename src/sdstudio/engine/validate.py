@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sdstudio.engine.inpaint import MASKED_CONTENT
+from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import RequestError
 from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
@@ -48,6 +48,13 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     if req.masked_content not in MASKED_CONTENT:
         raise RequestError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {req.masked_content!r}",
                            "masked_content")
+    if req.inpaint_method not in INPAINT_METHODS:
+        raise RequestError(f"inpaint_method must be one of {', '.join(INPAINT_METHODS)}, got {req.inpaint_method!r}",
+                           "inpaint_method")
+    _check_int(req.only_masked_padding, "only_masked_padding", 0, limits.max_side)
+    for name in ("invert_mask", "only_masked", "keep_unmasked", "soft_inpainting", "zero_terminal_snr"):
+        if not isinstance(getattr(req, name), bool):
+            raise RequestError(f"{name} must be true or false, got {getattr(req, name)!r}", name)
     if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
         raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",
                            "guidance_rescale")
@@ -85,7 +92,9 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
 
 
 def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int, int]:
-    if req.init_image is not None and (req.width is None or req.height is None):
+    """txt2img and "only masked": the model's native size; img2img: the init image's, to the latent grid."""
+    if req.init_image is not None and not (req.mask is not None and req.only_masked) and (
+            req.width is None or req.height is None):
         w, h = req.init_image.size
         f = geometry.factor
         w, h = max(f, w // f * f), max(f, h // f * f)
