@@ -29,8 +29,11 @@ from sdstudio.cli_generate import (
     Sampler,
     Schedule,
     Seed,
+    SeedResize,
     StepProgress,
     Steps,
+    Subseed,
+    SubseedStrength,
     Syntax,
     Vae,
     Width,
@@ -39,11 +42,14 @@ from sdstudio.cli_generate import (
     fields_from_image,
     overrides,
     run_request,
+    seed_resize,
 )
 from sdstudio.cli_inpaint import inpaint, outpaint
 from sdstudio.cli_models import app as models_app
 from sdstudio.cli_prompt import app as prompt_app
 from sdstudio.cli_train import app as train_app
+from sdstudio.cli_upscale import upscale
+from sdstudio.cli_xyz import xyz
 from sdstudio.engine.output import read_metadata
 from sdstudio.errors import SdStudioError
 from sdstudio.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -89,13 +95,15 @@ def txt2img(ctx: typer.Context,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
-            from_image: FromImage = None) -> None:
+            from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
+            seed_resize_from: SeedResize = None) -> None:
     """Generate images from a prompt."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                        batch_size=batch_size, n_iter=n_iter, capture_every=capture_every,
                        prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
-                       guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr)
+                       guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
+                       subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from))
     base = fields_from_image(from_image) if from_image else {}
     base.pop("strength", None)
     run_request(ctx.obj, build_request(base, fields), out)
@@ -111,13 +119,15 @@ def img2img(ctx: typer.Context,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
-            from_image: FromImage = None) -> None:
+            from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
+            seed_resize_from: SeedResize = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                        batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
                        prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
-                       guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr)
+                       guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
+                       subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from))
     base = fields_from_image(from_image) if from_image else {}
     try:
         init = open_image(image)
@@ -128,6 +138,8 @@ def img2img(ctx: typer.Context,
 
 app.command()(inpaint)
 app.command()(outpaint)
+app.command()(upscale)
+app.command("xyz")(xyz)
 
 
 @app.command()

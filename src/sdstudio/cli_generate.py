@@ -38,10 +38,25 @@ Rescale = Annotated[float | None, typer.Option("--guidance-rescale", help="Resca
                                                                          "v-prediction models). [default: 0]")]
 ZeroSnr = Annotated[bool | None, typer.Option("--zero-terminal-snr", help="Zero-terminal-SNR noise schedule.")]
 FromImage = Annotated[Path | None, typer.Option("--from-image", help="Re-run the parameters stored in this PNG.")]
+Subseed = Annotated[int | None, typer.Option("--subseed", help="Variation seed; -1 for random. [default: -1]")]
+SubseedStrength = Annotated[float | None, typer.Option("--subseed-strength", help="Variation strength 0-1: slerp "
+                                                   "from the seed's noise to the variation seed's. [default: 0]")]
+SeedResize = Annotated[str | None, typer.Option("--seed-resize-from", metavar="WxH", help="Draw the seed's noise "
+                                              "at this size, pasted centred (A1111's Seed resize from).")]
 
 
 def overrides(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
+
+
+def seed_resize(size: str | None) -> dict[str, int]:
+    """--seed-resize-from WxH as request fields (none when not given)."""
+    if size is None:
+        return {}
+    w, sep, h = size.lower().partition("x")
+    if not (sep and w.strip().isdigit() and h.strip().isdigit()):
+        fail(f"--seed-resize-from must be WIDTHxHEIGHT in pixels, e.g. 512x512, got {size!r}")
+    return {"seed_resize_from_w": int(w), "seed_resize_from_h": int(h)}
 
 
 def fields_from_image(path: Path) -> dict[str, Any]:

@@ -84,6 +84,24 @@ def model(data: Data, out: Out, vae: Annotated[str, typer.Option(help="VAE folde
     _train(lambda p: train_sd(cfg, p, resume), steps)
 
 
+@app.command("controlnet")
+def controlnet(data: Data, out: Out, base: Annotated[str, typer.Option(help="The model folder it controls.")],
+               control: Annotated[str, typer.Option(help="Control image made from each training image: canny.")]
+               = "canny", resolution: Resolution = 64, batch_size: Annotated[int, typer.Option()] = 64,
+               steps: Steps = 3000, lr: Annotated[float, typer.Option(help="Peak learning rate (cosine).")] = 3e-4,
+               ema: Annotated[float, typer.Option(help="EMA decay of the exported weights; 0: off.")] = 0.999,
+               seed: Seed = 0, save_every: SaveEvery = 500, save_dtype: SaveDtype = "float32",
+               resume: Resume = False) -> None:
+    """Train a ControlNet for a model (frozen) from images and their edge maps."""
+    from sdstudio.train.controlnet import CONTROLS, ControlNetTrainConfig, train_controlnet
+
+    _check_choice("control", control, CONTROLS)
+    cfg = ControlNetTrainConfig(data=data, out=out, base=base, control=control, resolution=resolution,
+                                batch_size=batch_size, steps=steps, lr=lr, ema_decay=ema, seed=seed,
+                                save_every=save_every, save_dtype=save_dtype)
+    _train(lambda p: train_controlnet(cfg, p, resume), steps)
+
+
 def _train(run, steps: int) -> None:
     from sdstudio.errors import SdStudioError
 

@@ -80,6 +80,10 @@ class Canvas:
     box: Box
     alpha: Image.Image | None
 
+    @property
+    def cropped(self) -> bool:
+        return self.box != (0, 0, *self.original.size)
+
     def finish(self, picture: Image.Image) -> Image.Image:
         left, top, right, bottom = self.box
         size = (right - left, bottom - top)

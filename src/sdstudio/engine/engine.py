@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from sdstudio import __version__
 from sdstudio.engine import canvas
 from sdstudio.engine.addons import AddOnLibrary
+from sdstudio.engine.control import LoadedControl
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.job import Job
+from sdstudio.engine.kandinsky import KandinskyRunner, find_kandinsky
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.stages import set_vae_tiling
+from sdstudio.engine.upscale import UpscaleRequest, UpscaleResult
 from sdstudio.engine.validate import ModelGeometry, check_fields, resolve_request
+from sdstudio.engine.x4 import Upscalers
 from sdstudio.errors import ModelError, RequestError
 from sdstudio.models import catalog
 from sdstudio.models.catalog import ModelRef
+from sdstudio.models.controlnet import ControlNetCache, find_controlnet
 from sdstudio.models.hashing import HashCache
 from sdstudio.models.loader import LoadedModel, LoadOptions, ModelManager
 from sdstudio.models.vae import VaeCache, find_vae
@@ -36,7 +42,10 @@ class Engine:
                                              settings.models_in_memory,
                                              [folder for _, folder in self.folders.checkpoints], budget)
         self.vaes = VaeCache(self.models.hashes)
+        self.kandinsky = KandinskyRunner(settings, self.models.hashes)  # Kandinsky 2.2: diffusers pipelines
         self.addons = AddOnLibrary(self.folders.lora, self.folders.embeddings, self.models.hashes)
+        self.controlnets = ControlNetCache(self.models.hashes)
+        self.upscalers = Upscalers(settings, self.folders, self.models.hashes)
 
     def model_ref(self, name: str | None = None) -> ModelRef:
         name = name or self.settings.default_model
@@ -51,9 +60,12 @@ class Engine:
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         """Run a txt2img/img2img request; raises RequestError/ModelError for bad input, Cancelled."""
+        if (kandinsky := find_kandinsky(self.model_ref, request.model)) is not None:
+            return self.kandinsky.generate(kandinsky, request, progress, cancel)
         start = time.perf_counter()
         check_fields(request, self.settings.limits)  # fail fast, before loading a model
         self.addons.find_loras(request.prompt)
+        control_paths = [find_controlnet(unit.model, self.folders.controlnet) for unit in request.controlnets]
         ref = self.model_ref(request.model)
         vae_path = find_vae(request.vae, ref, self.folders.vae)
         model = self.models.get(ref)
@@ -65,12 +77,22 @@ class Engine:
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
         vae = self.vaes.get(vae_path, model) if vae_path else None
-        job = Job(model, req, choice, __version__, progress, cancel, vae, addons)
+        controls = [self.load_control(path, model) for path in control_paths]
+        job = Job(model, req, choice, __version__, progress, cancel, vae, addons, controls)
         set_vae_tiling(job.vae, self.settings.vae_tiling, req.width * req.height, model.native_size,
                        model.offload != "none")
         with addons.applied(model):
             images, latents = job.run()
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
+
+    def load_control(self, path: Path, model: LoadedModel) -> LoadedControl:
+        net = self.controlnets.get(path, model.unet)
+        return LoadedControl(net, path.stem if path.is_file() else path.name, self.controlnets.short_hash(path))
+
+    def upscale(self, request: UpscaleRequest, progress: ProgressCallback | None = None,
+                cancel: CancelToken | None = None) -> UpscaleResult:
+        """Upscale one image with a resampler or the SD x4 upscaler model (engine/upscale.py, engine/x4.py)."""
+        return self.upscalers.run(request, progress, cancel)
 
 
 def inpaint_checks(req: GenerationRequest, model: LoadedModel) -> tuple[GenerationRequest, list[str]]:

@@ -46,8 +46,10 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
 
 
 def generation_params(req: GenerationRequest, seed: int, model_hash: str, version: str,
-                      extra: dict[str, Any] | None = None, vae: tuple[str, str] | None = None) -> dict[str, Any]:
-    """A1111's keys, in A1111's order, for one image of a resolved request."""
+                      extra: dict[str, Any] | None = None, vae: tuple[str, str] | None = None,
+                      index: int = 0) -> dict[str, Any]:
+    """A1111's keys, in A1111's order, for image `index` of a resolved request."""
+    resized = req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0
     return {
         "Steps": req.steps,
         "Sampler": req.sampler,
@@ -59,6 +61,9 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Model": req.model,
         "VAE hash": vae[1] if vae else None,
         "VAE": vae[0] if vae else None,
+        "Variation seed": req.subseed + index if req.subseed_strength > 0 else None,
+        "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
+        "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if resized else None,
         "Denoising strength": req.strength if req.mode in ("img2img", "inpaint") else None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "Mask blur": req.mask_blur if req.mode == "inpaint" else None,
@@ -121,7 +126,9 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                    "Mask blur": ("mask_blur", int), "Masked content": ("masked_content", str), "VAE": ("vae", str),
                    "CFG Rescale phi": ("guidance_rescale", float),
-                   "Masked area padding": ("only_masked_padding", int)}
+                   "Masked area padding": ("only_masked_padding", int),
+                   "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+                   "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:

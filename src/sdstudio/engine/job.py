@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -12,8 +15,9 @@ from torch import Tensor
 
 from sdstudio.engine import infotext as a1111
 from sdstudio.engine.addons import AddOns
-from sdstudio.engine.canvas import Canvas, inpaint_source
+from sdstudio.engine.canvas import Canvas, InpaintSource, inpaint_source
 from sdstudio.engine.capture import FrameCapture
+from sdstudio.engine.control import ControlInput, LoadedControl, control_image, fit, infotext_params, to_tensor
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
 from sdstudio.engine.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.loop import Plan, denoise
@@ -30,6 +34,7 @@ from sdstudio.engine.stages import (
     step_kwargs,
     to_pil,
 )
+from sdstudio.engine.variation import image_seed, start_noise
 from sdstudio.models.loader import LoadedModel
 from sdstudio.models.vae import VaeChoice
 from sdstudio.prompts.build import build_conditioning, plan_prompts
@@ -51,8 +56,11 @@ class BatchOutput:
 class Job:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 vae: VaeChoice | None = None, addons: AddOns | None = None):
+                 vae: VaeChoice | None = None, addons: AddOns | None = None,
+                 controls: Sequence[LoadedControl] = ()):
         self.model, self.req, self.choice, self.version = model, req, choice, version
+        self.controls = tuple(controls)  # one per req.controlnets unit
+        self._source: InpaintSource | None = None  # set by init_latents when inpainting
         self.progress, self.cancel, self.vae_choice = progress, cancel, vae
         self.addons = addons or AddOns(req.prompt, req.negative_prompt)
         self._cond: CondProvider | None = None  # built by the first batch, repeated for each
@@ -67,7 +75,7 @@ class Job:
             if self.cancel:
                 self.cancel.raise_if_cancelled()
             first = iteration * req.batch_size
-            seeds = [req.seed + first + k for k in range(req.batch_size)]
+            seeds = [image_seed(req, first + k) for k in range(req.batch_size)]
             out = self.run_batch(iteration, seeds, init, inpaint)
             pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
             if canvas is not None:
@@ -136,7 +144,7 @@ class Job:
         if req.mask is None:
             z0 = encode_image(self.vae, req.init_image, req.width, req.height, model.vae_scale_factor)
             return z0.to(**place), None, None
-        source = inpaint_source(req.init_image, req.mask, req.width, req.height, blur=req.mask_blur,
+        source = self._source = inpaint_source(req.init_image, req.mask, req.width, req.height, blur=req.mask_blur,
                                 invert=req.invert_mask, only_masked=req.only_masked,
                                 padding=req.only_masked_padding, keep_unmasked=req.keep_unmasked,
                                 soft=req.soft_inpainting)
@@ -144,6 +152,22 @@ class Job:
         inputs = inpaint_inputs(self.vae, image, source.mask, req.width, req.height, model.vae_scale_factor,
                                 self.nine_channel).to(**place)
         return inputs.image_latents, inputs, source.canvas
+
+    @cached_property
+    def control_inputs(self) -> tuple[ControlInput, ...]:
+        """The ControlNet units with their control images at the request's size (inside the only-masked
+        crop when there is one), on the UNet's device and dtype."""
+        req, model, source = self.req, self.model, self._source
+        init, mask = (source.image, source.mask) if source else (req.init_image, None)
+        inputs = []
+        for unit, net in zip(req.controlnets, self.controls, strict=True):
+            if source is not None and unit.image is not None and source.canvas.cropped:
+                whole = fit(unit.image, *source.canvas.original.size, unit.resize_mode)
+                unit = dataclasses.replace(unit, image=whole.crop(source.canvas.box), resize_mode="just resize")
+            image = to_tensor(control_image(unit, req.width, req.height, init, mask))
+            inputs.append(ControlInput(net.model, image.to(model.device, model.dtype), unit.weight, unit.start,
+                                       unit.end, unit.guess_mode))
+        return tuple(inputs)
 
     @property
     def nine_channel(self) -> bool:
@@ -157,8 +181,8 @@ class Job:
         timesteps = set_timesteps(scheduler, req.steps, strength, model.device)
         generators = make_generators(seeds)
         f = model.vae_scale_factor
-        noise = initial_noise(generators, (model.latent_channels, req.height // f, req.width // f),
-                              model.device, model.dtype)
+        noise = start_noise(seeds, generators, req, iteration * req.batch_size,
+                            (model.latent_channels, req.height // f, req.width // f), f, model.device, model.dtype)
         batch = len(seeds)
         if inpaint is not None and req.masked_content in ("latent noise", "latent nothing"):
             extra = initial_noise(generators, tuple(noise.shape[1:]), model.device, model.dtype)  # next draws
@@ -183,6 +207,7 @@ class Job:
             condition=condition,
             blend=blend,
             step_kwargs=step_kwargs(scheduler, generators),
+            controls=self.control_inputs,
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),
@@ -212,7 +237,9 @@ class Job:
                  capture: Capture | None) -> GeneratedImage:
         req, model = self.req, self.model
         vae = (self.vae_choice.name, self.vae_choice.hash) if self.vae_choice else None
-        params = a1111.generation_params(req, seed, model.short_hash, self.version, self.addons.infotext(), vae)
+        extra = {**self.addons.infotext(), **infotext_params(req.controlnets, self.controls)}
+        params = a1111.generation_params(req, seed, model.short_hash, self.version, extra, vae,
+                                         index=index)
         text = a1111.format_infotext(req.prompt, req.negative_prompt, params)
         record = image_record(
             req, index, seed,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdstudio.engine.control import ControlInput, residuals
 from sdstudio.engine.hooks import StepHook, StepState
 from sdstudio.prompts.conditioning import CondProvider
 
@@ -33,7 +34,7 @@ class Plan:
     condition: Tensor | None = None  # (B, 5, h, w) mask + masked-image latents after x_t (9-channel inpainting)
     blend: Callable[[Tensor, int], Tensor] | None = None  # (x after step i, i) -> x, kept region re-imposed
     step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
-
+    controls: tuple[ControlInput, ...] = ()  # ControlNet units, residuals summed into every UNet call
 
 
 @torch.inference_mode()
@@ -49,7 +50,8 @@ def denoise(unet: Any, scheduler: Any, plan: Plan, hook: StepHook | None = None)
         context = cond.cfg_batch if guided else cond.positive
         model_in = x_in if plan.condition is None else \
             torch.cat([x_in, plan.condition.repeat(k + 1 if guided else 1, 1, 1, 1)], dim=1)
-        out = unet(model_in, t, **context.unet_kwargs(), return_dict=False)[0]
+        extra = residuals(plan.controls, x_in, t, cond, guided, batch, i, total) if plan.controls else {}
+        out = unet(model_in, t, **context.unet_kwargs(), **extra, return_dict=False)[0]
         if guided:
             uncond, *texts = out.chunk(k + 1)
             delta = sum(w * (text - uncond) for w, text in zip(cond.weights, texts, strict=True))

@@ -51,6 +51,13 @@ def save_result(result: GenerationResult, root: Path) -> list[SavedImage]:
     return saved
 
 
+def save_grid(image: Image.Image, text: dict[str, str], root: Path, mode: str = "txt2img",
+              name: str = "grid") -> Path:
+    """Save a grid (text chunks given) into <root>/<mode>-grids/<date>/NNNNN-<name>.png, as A1111."""
+    day = dated_folder(root, mode).name  # today, as the images' folders
+    return save_png(image, root / f"{mode}-grids" / day, name, text)
+
+
 def save_capture(capture: Capture, folder: Path) -> Path:
     """step-NNN-xt.png (decoded latents), step-NNN-x0.png (predicted x0), step-NNN-latents.png,
     and denoise.gif (x_t beside x0, every captured step)."""

@@ -52,4 +52,6 @@ def request_from_record(record: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown record format {record.get('format')!r}")
     fields = {k: v for k, v in record["request"].items() if k in GenerationRequest.field_names()}
     fields.update(seed=record["image"]["seed"], batch_size=1, n_iter=1)
+    if fields.get("subseed_strength", 0) > 0:  # a variation: the image's own variation seed (A1111's subseed + k)
+        fields["subseed"] += record["image"]["index"]
     return fields

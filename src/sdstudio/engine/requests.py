@@ -20,12 +20,44 @@ INPAINT_FIELDS = ("mask_blur", "invert_mask", "masked_content", "inpaint_method"
 
 
 @dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet unit (A1111's ControlNet extension calls them units).
+
+    image None: the init image is used (img2img, inpaint). resize_mode: "just resize" (stretch),
+    "crop" (cover, centre-crop) or "fill" (fit, pad). guess_mode: A1111's "ControlNet is more important".
+    """
+
+    model: str                      # a ControlNet folder or file, by name or path
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    preprocessor: str = "none"      # none, canny, scribble, lineart, tile, shuffle, invert, inpaint, openpose, depth
+    weight: float = 1.0
+    start: float = 0.0              # fraction of the steps where the unit starts acting
+    end: float = 1.0                # ... and stops
+    guess_mode: bool = False
+    resize_mode: str = "just resize"
+    low_threshold: int = 100        # canny thresholds
+    high_threshold: int = 200
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
+        if self.image is not None:
+            out["image"] = {"size": list(self.image.size), "sha256": image_sha256(self.image)}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControlUnit:
+        names = {f.name for f in dataclasses.fields(cls)} - {"image"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One txt2img or img2img job. img2img when `init_image` is given.
 
     width/height None: the model's native size (txt2img) or the init image's size rounded down to
     the latent factor (img2img). seed -1: random; the result records the seed actually used.
-    Image k of the job (k < batch_size * n_iter) uses seed + k.
+    Image k of the job (k < batch_size * n_iter) uses seed + k (with a variation seed: seed, and
+    subseed + k, as A1111).
     """
 
     prompt: str = ""
@@ -37,6 +69,12 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER
     schedule: str = DEFAULT_SCHEDULE
     seed: int = -1
+    # A1111 variation seeds: image k starts from slerp(subseed_strength, noise(seed), noise(subseed + k)),
+    # every image keeping `seed`; seed_resize_from: draw the seed noise at that size, pasted centred (0: off).
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
     batch_size: int = 1
     n_iter: int = 1
     model: str | None = None
@@ -63,6 +101,7 @@ class GenerationRequest:
     crop_left_top: tuple[int, int] = (0, 0)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units, applied together
 
     @property
     def mode(self) -> str:
@@ -90,6 +129,7 @@ class GenerationRequest:
         if self.mask is None:
             for name in INPAINT_FIELDS:
                 out.pop(name)
+        out["controlnets"] = [unit.to_dict() for unit in self.controlnets]
         return out
 
     @classmethod
@@ -103,6 +143,8 @@ class GenerationRequest:
         for name in ("original_size", "crop_left_top"):  # JSON has no tuples
             if isinstance(fields.get(name), list):
                 fields[name] = tuple(fields[name])
+        fields["controlnets"] = tuple(ControlUnit.from_dict(u) if isinstance(u, dict) else u
+                                      for u in fields.get("controlnets", ()))
         return cls(**fields)
 
 

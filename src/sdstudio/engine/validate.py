@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from sdstudio.engine.control import RESIZE_MODES
 from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
-from sdstudio.engine.requests import GenerationRequest
+from sdstudio.engine.preprocess import ALL_PREPROCESSORS
+from sdstudio.engine.requests import ControlUnit, GenerationRequest
+from sdstudio.engine.variation import check_variation, resolve_variation
 from sdstudio.errors import RequestError
 from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
 from sdstudio.samplers import SamplerChoice, resolve_sampler, zero_snr_samplers
@@ -35,6 +38,7 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     if not isinstance(req.strength, int | float) or not 0.0 <= req.strength <= 1.0:
         raise RequestError(f"strength must be between 0 and 1, got {req.strength!r}", "strength")
     _check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
+    check_variation(req, limits)
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
     if req.prompt_syntax not in PROMPT_SYNTAXES:
@@ -63,6 +67,8 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if not isinstance(getattr(req, name), int | float):
             raise RequestError(f"{name} must be a number, got {getattr(req, name)!r}", name)
+    for unit in req.controlnets:
+        _check_unit(unit)
     choice = resolve_sampler(req.sampler, req.schedule)
     if req.zero_terminal_snr and not choice.supports_zero_snr:
         raise RequestError(f"zero_terminal_snr needs a sampler whose schedule can reach zero SNR; "
@@ -88,7 +94,7 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
     resolved = req.replace(width=width, height=height, seed=seed, model=model_name,
                            sampler=choice.sampler.name, schedule=choice.schedule)
-    return resolved, choice
+    return resolve_variation(resolved, geometry.factor), choice
 
 
 def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int, int]:
@@ -116,3 +122,28 @@ def _check_pair(value: object, name: str, what: str, low: int, allow_none: bool 
         isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
     if not ok:
         raise RequestError(f"{name} must be two whole numbers {what} >= {low}, got {value!r}", name)
+
+
+def _check_unit(unit: object) -> None:
+    """One ControlNet unit; errors name the unit's field as `controlnets.<field>`."""
+    if not isinstance(unit, ControlUnit):
+        raise RequestError(f"controlnets must hold ControlUnit entries, got {type(unit).__name__}", "controlnets")
+    if not isinstance(unit.model, str) or not unit.model.strip():
+        raise RequestError("a ControlNet unit needs a model (a ControlNet folder or file, by name or path)",
+                           "controlnets.model")
+    if unit.preprocessor not in ALL_PREPROCESSORS:
+        raise RequestError(f"unknown preprocessor {unit.preprocessor!r}; choose one of {', '.join(ALL_PREPROCESSORS)}",
+                           "controlnets.preprocessor")
+    if unit.resize_mode not in RESIZE_MODES:
+        raise RequestError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {unit.resize_mode!r}",
+                           "controlnets.resize_mode")
+    if not isinstance(unit.weight, int | float) or not 0.0 <= unit.weight <= 2.0:
+        raise RequestError(f"a ControlNet weight must be between 0 and 2, got {unit.weight!r}", "controlnets.weight")
+    ok = all(isinstance(v, int | float) for v in (unit.start, unit.end)) and 0.0 <= unit.start < unit.end <= 1.0
+    if not ok:
+        raise RequestError(f"ControlNet start and end must satisfy 0 <= start < end <= 1, got {unit.start!r} and "
+                           f"{unit.end!r}", "controlnets.start")
+    if not isinstance(unit.guess_mode, bool):
+        raise RequestError(f"guess_mode must be true or false, got {unit.guess_mode!r}", "controlnets.guess_mode")
+    _check_int(unit.low_threshold, "controlnets.low_threshold", 1, 255)
+    _check_int(unit.high_threshold, "controlnets.high_threshold", unit.low_threshold, 255)

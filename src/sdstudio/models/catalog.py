@@ -45,6 +45,7 @@ class ModelFolders:
     lora: tuple[Path, ...] = ()
     embeddings: tuple[Path, ...] = ()
     hf_cache: Path | None = None
+    controlnet: tuple[Path, ...] = ()
 
 
 def model_folders(settings: Settings) -> ModelFolders:
@@ -53,7 +54,9 @@ def model_folders(settings: Settings) -> ModelFolders:
     a1111, comfy, home = settings.a1111_dir, settings.comfyui_dir, settings.home
     checkpoints = [("sdstudio", p) for p in settings.models_dirs]
     vae, lora, embeddings = [home / "vae"], [home / "lora"], [home / "embeddings"]
+    controlnet = [home / "controlnet", *(d / "controlnet" for d in settings.models_dirs)]
     if a1111:
+        controlnet += [a1111 / "models" / "ControlNet", a1111 / "extensions" / "sd-webui-controlnet" / "models"]
         checkpoints.append(("a1111", a1111 / "models" / "Stable-diffusion"))
         vae.append(a1111 / "models" / "VAE")
         lora += [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
@@ -63,7 +66,9 @@ def model_folders(settings: Settings) -> ModelFolders:
         vae.append(comfy / "models" / "vae")
         lora.append(comfy / "models" / "loras")
         embeddings.append(comfy / "models" / "embeddings")
-    return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache)
+        controlnet.append(comfy / "models" / "controlnet")
+    return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache,
+                        tuple(controlnet))
 
 
 def model_name(path: Path) -> str:

@@ -41,6 +41,9 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
     "sdxl": FamilyInfo("SDXL", "sdxl"),
     "sdxl-refiner": FamilyInfo("SDXL refiner", "sdxl"),
     "sdxl-inpaint": FamilyInfo("SDXL inpainting", "sdxl", inpaint=True),
+    "kandinsky2.2": FamilyInfo("Kandinsky 2.2 (prior + decoder)", "kandinsky"),  # models/kandinsky.py
+    "kandinsky2.2-inpaint": FamilyInfo("Kandinsky 2.2 inpainting", "kandinsky", inpaint=True),
+    "kandinsky2.2-prior": FamilyInfo("Kandinsky 2.2 prior (choose its decoder)", "kandinsky"),
 }
 
 UNET = "model.diffusion_model."

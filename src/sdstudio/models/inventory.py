@@ -15,6 +15,7 @@ from sdstudio.models.checkpoint_io import read_metadata
 from sdstudio.models.convert import FAMILY_KEY
 from sdstudio.models.families import FAMILY_INFO, detect_family, sidecar_says_v
 from sdstudio.models.hashing import HashCache, short_hash, weight_files
+from sdstudio.models.kandinsky import is_kandinsky_folder, kandinsky_family
 from sdstudio.models.ldm_layout import read_family_from_folder
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def family_of(ref: ModelRef) -> str:
     """The family, found without loading weights (a .ckpt is only inspected when loaded)."""
     try:
         if ref.kind == "diffusers":
-            return read_family_from_folder(ref.path)
+            return kandinsky_family(ref.path) if is_kandinsky_folder(ref.path) else read_family_from_folder(ref.path)
         if ref.kind == "recipe":
             return "merge recipe"
         if ref.path.suffix != ".safetensors":
