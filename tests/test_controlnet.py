@@ -151,3 +151,26 @@ def test_bad_units_are_clear_errors(setup):
     for unit, message in cases:
         with pytest.raises(RequestError, match=message):
             engine.generate(base.replace(controlnets=(unit,)))
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_single_file_controlnet_gives_the_same_image_as_the_folder(setup, tmp_path, layout):
+    from safetensors.torch import save_file
+
+    from sdstudio.models.ldm_keys import controlnet_to_ldm
+
+    engine, model, nets = setup
+    state = net(nets, "edges").state_dict()
+    if layout == "original":  # lllyasviel's layout, as control_*.safetensors ship
+        state = {"control_model." + k: v for k, v in controlnet_to_ldm(state).items()}
+    file = tmp_path / "edges.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, file)
+    req = GenerationRequest(prompt="a red circle", model=str(model), steps=3, sampler="Euler", seed=SEED,
+                            controlnets=(ControlUnit("edges", control_picture()),))
+    folder = engine.generate(req)
+    single = engine.generate(req.replace(controlnets=(ControlUnit(str(file), control_picture()),)))
+    assert torch.equal(folder.latents, single.latents)
+    with pytest.raises(RequestError, match="not a ControlNet"):
+        bad = tmp_path / "bad.safetensors"
+        save_file({"x": torch.zeros(1)}, bad)
+        engine.generate(req.replace(controlnets=(ControlUnit(str(bad), control_picture()),)))

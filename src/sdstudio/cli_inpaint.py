@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from sdstudio.cli_common import fail
+from sdstudio.cli_control import ControlNetOpt, control_units
 from sdstudio.cli_generate import (
     Batch,
     CaptureEvery,
@@ -58,7 +59,7 @@ def inpaint(ctx: typer.Context,
             keep_unmasked: KeepUnmasked = None,
             soft: Annotated[bool | None, typer.Option("--soft", help="Soft inpainting: grey mask values are "
                                                                      "per-pixel strengths.")] = None,
-            method: Method = None,
+            method: Method = None, controlnet: ControlNetOpt = None,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
@@ -71,7 +72,8 @@ def inpaint(ctx: typer.Context,
                        batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
                        mask_blur=mask_blur, invert_mask=invert, masked_content=fill, only_masked=only_masked,
                        only_masked_padding=padding, keep_unmasked=keep_unmasked, soft_inpainting=soft,
-                       inpaint_method=method, prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae)
+                       inpaint_method=method, prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
+                       **control_units(controlnet))
     pictures = {"init_image": _open(image), "mask": _open(mask)}
     run_request(ctx.obj, build_request({}, {**fields, **pictures}), out)
 

@@ -212,3 +212,29 @@ def sd2_openclip_extras(ldm: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if "model.text_projection" not in ldm:
         extra["model.text_projection"] = torch.eye(width.shape[0], dtype=width.dtype, device=width.device)
     return extra
+
+
+_ZERO_CONV = re.compile(r"controlnet_down_blocks\.(\d+)\.(weight|bias)")
+_HINT = re.compile(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)")
+
+
+def controlnet_to_ldm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """ControlNetModel -> lllyasviel's layout (as in `control_*.safetensors`, without the optional
+    `control_model.` prefix): the UNet-shaped encoder as `input_blocks`/`middle_block`, the zero convs
+    as `zero_convs.i.0` and `middle_block_out.0`, the hint encoder as `input_hint_block.{0, 2, ..., 2n+2}`."""
+    hint_blocks = {int(m[2]) for k in sd if (m := _HINT.fullmatch(k)) and m[2] is not None}
+    out: dict[str, Tensor] = {}
+    encoder: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if m := _ZERO_CONV.fullmatch(key):
+            out[f"zero_convs.{m[1]}.0.{m[2]}"] = value
+        elif key.startswith("controlnet_mid_block."):
+            out[f"middle_block_out.0.{key.rpartition('.')[2]}"] = value
+        elif m := _HINT.fullmatch(key):
+            last = 2 * (len(hint_blocks) + 1)
+            index = 0 if m[1] == "conv_in" else last if m[1] == "conv_out" else 2 * (int(m[2]) + 1)
+            out[f"input_hint_block.{index}.{m[3]}"] = value
+        else:
+            encoder[key] = value
+    out.update(unet_to_ldm(encoder))
+    return out
