@@ -174,3 +174,47 @@ def test_single_file_controlnet_gives_the_same_image_as_the_folder(setup, tmp_pa
         bad = tmp_path / "bad.safetensors"
         save_file({"x": torch.zeros(1)}, bad)
         engine.generate(req.replace(controlnets=(ControlUnit(str(bad), control_picture()),)))
+
+
+def test_img2img_matches_diffusers(setup):
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from sdstudio.engine.stages import encode_image
+
+    engine, model, nets = setup
+    init = shapes_image()
+    req = GenerationRequest(prompt="a blue square", model=str(model), init_image=init, strength=0.6, steps=5,
+                            sampler="Euler", seed=SEED, controlnets=(ControlUnit("edges", control_picture()),))
+    result = engine.generate(req)
+    pipe = diffusers_pipe(StableDiffusionControlNetImg2ImgPipeline, engine, model, result, net(nets, "edges"))
+    z0 = encode_image(pipe.vae, init, 64, 64, 8)  # our posterior mean, as in test_parity
+    ref = pipe(prompt="a blue square", image=z0, control_image=control_picture(), strength=0.6,
+               controlnet_conditioning_scale=1.0, num_inference_steps=5, guidance_scale=7.0, height=64, width=64,
+               generator=generators(1, SEED), output_type="latent").images
+    assert (result.latents - ref).abs().max() < 1e-4
+
+
+def test_sdxl_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from tests.test_sdxl import scheduler_from
+
+    model = build_tiny("sdxl", tmp_path / "xl", seed=3)
+    tiny_controlnet(model, tmp_path / "controlnet" / "xl-edges", 4)
+    engine = Engine(make_settings(tmp_path / "home", tmp_path))
+    engine.folders = type(engine.folders)(**{**engine.folders.__dict__, "controlnet": (tmp_path / "controlnet",)})
+    unit = ControlUnit("xl-edges", control_picture(), weight=0.9, guess_mode=True)
+    req = GenerationRequest(prompt="a red circle", model=str(model), steps=4, sampler="Euler", seed=SEED,
+                            width=64, height=64, controlnets=(unit,))
+    result = engine.generate(req)
+    loaded = engine.load(str(model))
+    (a, b), (ta, tb) = loaded.text.encoders, loaded.text.tokenizers
+    pipe = StableDiffusionXLControlNetPipeline(vae=loaded.vae, text_encoder=a, text_encoder_2=b, tokenizer=ta,
+                                               tokenizer_2=tb, unet=loaded.unet,
+                                               controlnet=net(tmp_path / "controlnet", "xl-edges"),
+                                               scheduler=scheduler_from(result), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt="a red circle", image=control_picture(), num_inference_steps=4, guidance_scale=7.0,
+               height=64, width=64, controlnet_conditioning_scale=0.9, guess_mode=True,
+               generator=generators(1, SEED), output_type="latent").images
+    assert (result.latents - ref).abs().max() < 1e-4

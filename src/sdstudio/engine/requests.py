@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 DEFAULT_SAMPLER = "DPM++ 2M"
 IMAGES = ("init_image", "mask")  # request fields that hold pictures: recorded by size and pixel hash
 DEFAULT_SCHEDULE = "Automatic"
+TENSORS = ("init_latents",)  # request fields that hold tensors: recorded by shape only
+HIRES_FIELDS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name",
+                "hr_scheduler", "hr_prompt", "hr_negative_prompt")  # meaningful only with enable_hr
 INPAINT_FIELDS = ("mask_blur", "invert_mask", "masked_content", "inpaint_method", "only_masked",
                   "only_masked_padding", "keep_unmasked", "soft_inpainting")  # meaningful only with a mask
 
@@ -52,7 +55,7 @@ class ControlUnit:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One txt2img or img2img job. img2img when `init_image` is given.
+    """One txt2img or img2img job. img2img when `init_image` (or `init_latents`) is given.
 
     width/height None: the model's native size (txt2img) or the init image's size rounded down to
     the latent factor (img2img). seed -1: random; the result records the seed actually used.
@@ -102,12 +105,32 @@ class GenerationRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units, applied together
+    # Hires fix (A1111's, txt2img only; engine/hires.py): the first pass at width x height, upscaled to
+    # hr_resize_x x hr_resize_y (either 0: keep the aspect) or by hr_scale, then an img2img second pass of
+    # hr_second_pass_steps (0: steps) at `strength` (A1111's denoising_strength) on the same seeds. Empty
+    # hr_sampler_name / hr_scheduler / hr_prompt / hr_negative_prompt: the first pass's.
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"  # a latent mode ("Latent", "Latent (bicubic)", ...) or a resampler ("Lanczos", ...)
+    hr_second_pass_steps: int = 0
+    hr_sampler_name: str = ""
+    hr_scheduler: str = ""
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    # Latent handoff (diffusers' SDXL base -> refiner; engine/handoff.py): denoising_end stops the loop at that
+    # fraction of the schedule and returns its latents; denoising_start resumes from `init_latents` there,
+    # adding no noise. init_latents alone: img2img from latents (B, C, h, w) instead of an image.
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    init_latents: Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def mode(self) -> str:
         if self.mask is not None:
             return "inpaint"
-        return "img2img" if self.init_image is not None else "txt2img"
+        return "img2img" if self.init_image is not None or self.init_latents is not None else "txt2img"
 
     @property
     def total_images(self) -> int:
@@ -118,14 +141,19 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the init image is recorded by size and pixel hash, not embedded."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMAGES}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMAGES + TENSORS}
         out["mode"] = self.mode
         for name in IMAGES:
             image = getattr(self, name)
             if image is not None:
                 out[name] = {"size": list(image.size), "sha256": image_sha256(image)}
-        if self.init_image is None:
+        if self.init_latents is not None:
+            out["init_latents"] = {"shape": list(self.init_latents.shape)}
+        if self.mode == "txt2img" and not self.enable_hr:
             out.pop("strength")
+        if not self.enable_hr:
+            for name in HIRES_FIELDS:
+                out.pop(name)
         if self.mask is None:
             for name in INPAINT_FIELDS:
                 out.pop(name)
@@ -134,11 +162,11 @@ class GenerationRequest:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)} - set(IMAGES)
+        return {f.name for f in dataclasses.fields(cls)} - set(IMAGES) - set(TENSORS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        """The inverse of to_dict for every field except the init image (supply it separately)."""
+        """The inverse of to_dict for every field except the init image and latents (supply them separately)."""
         fields = {k: v for k, v in data.items() if k in cls.field_names()}
         for name in ("original_size", "crop_left_top"):  # JSON has no tuples
             if isinstance(fields.get(name), list):
