@@ -50,6 +50,7 @@ def test_reads_a1111_infotext_with_legacy_sampler_names():
         "negative_prompt": "EasyNegative, lowres, bad anatomy",
         "steps": 28, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.5, "seed": 3520157236,
         "width": 512, "height": 768, "model": "anything-v5", "strength": 0.55, "clip_skip": 2,
+        "enable_hr": True, "hr_scale": 2.0, "hr_upscaler": "Latent",  # A1111's hires fix, re-run as such
     }
 
 

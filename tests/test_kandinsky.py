@@ -197,6 +197,8 @@ def test_saved_image_reproduces_from_its_record(engine, tmp_path):
     ({"init_image": shapes_image(64), "mask": disc_mask()}, "mask", "inpainting decoder"),
     ({"subseed": 3, "subseed_strength": 0.5}, "subseed_strength", "variation seeds"),
     ({"seed_resize_from_w": 128, "seed_resize_from_h": 128}, "seed_resize_from_w", "seed resize"),
+    ({"enable_hr": True}, "enable_hr", "hires fix"),
+    ({"denoising_end": 0.8}, "denoising_end", "latent handoff"),
 ])
 def test_unsupported_fields_are_clear_errors(engine, fields, field, words):
     if not set(fields) <= GenerationRequest.field_names() | {"init_image", "mask"}:

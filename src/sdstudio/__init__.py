@@ -20,6 +20,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 _EXPORTS = {
+    "Chain": "sdstudio.engine.chain",
     "Engine": "sdstudio.engine.engine",
     "CancelToken": "sdstudio.engine.hooks",
     "ProgressEvent": "sdstudio.engine.hooks",

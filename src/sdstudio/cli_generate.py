@@ -29,7 +29,7 @@ Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batc
 NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. [default: 1]")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. [default: ./outputs]")]
 CaptureEvery = Annotated[int | None, typer.Option("--capture-every", help="Save the denoising process every N steps.")]
-Syntax = Annotated[str | None, typer.Option("--prompt-syntax", help="a1111 (weights, BREAK, [a:b:0.5], AND), "
+Syntax = Annotated[str | None, typer.Option("--prompt-syntax", help="a1111 (weights, BREAK, prompt editing, AND), "
                                                                    "compel or plain. [default: a1111]")]
 ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Skip the last N-1 text-encoder layers "
                                                                    "(A1111's Clip skip). [default: 1]")]
@@ -43,6 +43,15 @@ SubseedStrength = Annotated[float | None, typer.Option("--subseed-strength", hel
                                                    "from the seed's noise to the variation seed's. [default: 0]")]
 SeedResize = Annotated[str | None, typer.Option("--seed-resize-from", metavar="WxH", help="Draw the seed's noise "
                                               "at this size, pasted centred (A1111's Seed resize from).")]
+Hires = Annotated[bool | None, typer.Option("--hires", help="Hires fix: generate, upscale, then redraw at the "
+                                           "larger size (img2img on the same seeds); any --hr-* option turns it on.")]
+HrScale = Annotated[float | None, typer.Option("--hr-scale", help="Hires fix upscale factor 1-8. [default: 2]")]
+HrUpscaler = Annotated[str | None, typer.Option("--hr-upscaler", help="Hires fix upscaler: a latent mode ('Latent', "
+                                               "'Latent (bicubic)', ...) or a resampler ('Lanczos', ...). "
+                                               "[default: Latent]")]
+HrSteps = Annotated[int | None, typer.Option("--hr-steps", help="Hires fix second-pass steps (0: as --steps).")]
+HrDenoise = Annotated[float | None, typer.Option("--hr-denoise", help="Hires fix second-pass denoising strength "
+                                                "0-1 (A1111's Denoising strength). [default: 0.75]")]
 
 
 def overrides(**options: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,9 @@ def fit(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
 
 
 def control_image(unit: ControlUnit, width: int, height: int, init: Image.Image | None,
-                  mask: Image.Image | None) -> Image.Image | Tensor:
-    """The unit's control image at the output size, preprocessed; the inpaint control as a tensor."""
+                  mask: Image.Image | None, annotators: Path | None = None) -> Image.Image | Tensor:
+    """The unit's control image at the output size, preprocessed; the inpaint control as a tensor.
+    annotators: the folder of pose/depth annotator weights."""
     if unit.preprocessor == "inpaint":
         if init is None or mask is None:
             raise RequestError("the inpaint preprocessor needs an init image and a mask (inpainting)", "controlnets")
@@ -89,7 +91,7 @@ def control_image(unit: ControlUnit, width: int, height: int, init: Image.Image 
     fitted = fit(source, width, height, unit.resize_mode)
     if unit.preprocessor == "canny":
         return canny(fitted, unit.low_threshold, unit.high_threshold)
-    return preprocess(unit.preprocessor, fitted)
+    return preprocess(unit.preprocessor, fitted, annotators)
 
 
 def to_tensor(image: Image.Image | Tensor) -> Tensor:

@@ -10,6 +10,8 @@ from sdstudio import __version__
 from sdstudio.engine import canvas
 from sdstudio.engine.addons import AddOnLibrary
 from sdstudio.engine.control import LoadedControl
+from sdstudio.engine.hires import output_pixels
+from sdstudio.engine.hires_job import HiresJob
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.job import Job
 from sdstudio.engine.kandinsky import KandinskyRunner, find_kandinsky
@@ -71,17 +73,21 @@ class Engine:
         model = self.models.get(ref)
         request, warnings = inpaint_checks(request, model)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
-        geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth)
+        geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req, choice = resolve_request(request, geometry, self.settings.limits, model.name)
         addons = self.addons.resolve(req.prompt, req.negative_prompt, model)
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
         vae = self.vaes.get(vae_path, model) if vae_path else None
         controls = [self.load_control(path, model) for path in control_paths]
-        job = Job(model, req, choice, __version__, progress, cancel, vae, addons, controls)
-        set_vae_tiling(job.vae, self.settings.vae_tiling, req.width * req.height, model.native_size,
-                       model.offload != "none")
-        with addons.applied(model):
+        job = Job(model, req, choice, __version__, progress, cancel, vae, addons, controls,
+                  self.settings.home / "annotators")
+        if req.enable_hr:  # hires fix: a second pass after each batch, on the same model
+            job = HiresJob(job, self.addons.resolve(req.hr_prompt or req.prompt,
+                                                    req.hr_negative_prompt or req.negative_prompt, model), progress)
+        set_vae_tiling(job.vae, self.settings.vae_tiling, output_pixels(req, model.vae_scale_factor),
+                       model.native_size, model.offload != "none")
+        with job.addons.applied(model):
             images, latents = job.run()
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
 

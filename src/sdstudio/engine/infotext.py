@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sdstudio.engine.hires_infotext import hires_fields, hires_params
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.samplers import split_legacy_name
 
@@ -50,6 +51,7 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
                       index: int = 0) -> dict[str, Any]:
     """A1111's keys, in A1111's order, for image `index` of a resolved request."""
     resized = req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0
+    uses_strength = req.enable_hr or (req.mode != "txt2img" and req.denoising_start is None)
     return {
         "Steps": req.steps,
         "Sampler": req.sampler,
@@ -64,7 +66,9 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Variation seed": req.subseed + index if req.subseed_strength > 0 else None,
         "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
         "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if resized else None,
-        "Denoising strength": req.strength if req.mode in ("img2img", "inpaint") else None,
+        "Denoising strength": req.strength if uses_strength else None,
+        "Denoising start": req.denoising_start,  # a latent handoff (engine/handoff.py)
+        "Denoising end": req.denoising_end,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "Mask blur": req.mask_blur if req.mode == "inpaint" else None,
         "Masked content": req.masked_content if req.mode == "inpaint" else None,
@@ -73,6 +77,7 @@ def generation_params(req: GenerationRequest, seed: int, model_hash: str, versio
         "Soft inpainting enabled": True if req.mode == "inpaint" and req.soft_inpainting else None,
         "CFG Rescale phi": req.guidance_rescale or None,
         "Noise Schedule": "Zero Terminal SNR" if req.zero_terminal_snr else None,
+        **hires_params(req),
         **(extra or {}),
         "Version": f"sdstudio {version}",
     }
@@ -127,6 +132,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Mask blur": ("mask_blur", int), "Masked content": ("masked_content", str), "VAE": ("vae", str),
                    "CFG Rescale phi": ("guidance_rescale", float),
                    "Masked area padding": ("only_masked_padding", int),
+                   "Denoising start": ("denoising_start", float), "Denoising end": ("denoising_end", float),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int)}
     for key, (name, convert) in conversions.items():
@@ -141,6 +147,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
         fields["only_masked"] = p["Inpaint area"] == "Only masked"
     if p.get("Soft inpainting enabled") == "True":
         fields["soft_inpainting"] = True
+    fields.update(hires_fields(p))
     if "Sampler" in p:
         sampler, legacy_schedule = split_legacy_name(p["Sampler"])
         fields["sampler"] = sampler

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from sdstudio.engine.addons import AddOns
 from sdstudio.engine.canvas import Canvas, InpaintSource, inpaint_source
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.control import ControlInput, LoadedControl, control_image, fit, infotext_params, to_tensor
+from sdstudio.engine.handoff import batch_rows, handoff_start, schedule_timesteps
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
 from sdstudio.engine.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.loop import Plan, denoise
@@ -29,7 +31,6 @@ from sdstudio.engine.stages import (
     encode_image,
     initial_noise,
     make_generators,
-    set_timesteps,
     start_latents,
     step_kwargs,
     to_pil,
@@ -53,20 +54,27 @@ class BatchOutput:
     scheduler_config: dict[str, Any]
 
 
+# (iteration, seeds, init latents of the batch, inpaint inputs) -> the batch's final latents
+BatchRunner = Callable[[int, list[int], Tensor | None, InpaintInputs | None], BatchOutput]
+
+
 class Job:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                  vae: VaeChoice | None = None, addons: AddOns | None = None,
-                 controls: Sequence[LoadedControl] = ()):
+                 controls: Sequence[LoadedControl] = (), annotators: Path | None = None):
         self.model, self.req, self.choice, self.version = model, req, choice, version
         self.controls = tuple(controls)  # one per req.controlnets unit
+        self.annotators = annotators     # pose/depth preprocessor weights
         self._source: InpaintSource | None = None  # set by init_latents when inpainting
         self.progress, self.cancel, self.vae_choice = progress, cancel, vae
         self.addons = addons or AddOns(req.prompt, req.negative_prompt)
         self._cond: CondProvider | None = None  # built by the first batch, repeated for each
         self.vae = vae.vae if vae else model.vae
 
-    def run(self) -> tuple[list[GeneratedImage], Tensor]:
+    def run(self, run_batch: BatchRunner | None = None) -> tuple[list[GeneratedImage], Tensor]:
+        """Every batch through `run_batch` (default: this job's loop; hires fix: two passes), decoded and
+        described as this job's request."""
         req, model = self.req, self.model
         init, inpaint, canvas = self.init_latents()
         images: list[GeneratedImage] = []
@@ -76,7 +84,7 @@ class Job:
                 self.cancel.raise_if_cancelled()
             first = iteration * req.batch_size
             seeds = [image_seed(req, first + k) for k in range(req.batch_size)]
-            out = self.run_batch(iteration, seeds, init, inpaint)
+            out = (run_batch or self.run_batch)(iteration, seeds, batch_rows(init, first, len(seeds)), inpaint)
             pictures = to_pil(decode_latents(self.vae, out.latents), model.vae_scale_factor)
             if canvas is not None:
                 pictures = [canvas.finish(picture) for picture in pictures]
@@ -135,6 +143,8 @@ class Job:
         """The init image's latents z0 (1, C, h, w); for inpainting also the mask and the UNet's extra
         input, and the canvas the pictures go back into."""
         req, model = self.req, self.model
+        if req.init_latents is not None:  # a handoff, or img2img from latents: (1 | N, C, h, w)
+            return req.init_latents.to(model.device, model.dtype), None, None
         if req.init_image is None:
             return None, None, None
         if int(req.steps * req.strength) == 0:
@@ -164,7 +174,7 @@ class Job:
             if source is not None and unit.image is not None and source.canvas.cropped:
                 whole = fit(unit.image, *source.canvas.original.size, unit.resize_mode)
                 unit = dataclasses.replace(unit, image=whole.crop(source.canvas.box), resize_mode="just resize")
-            image = to_tensor(control_image(unit, req.width, req.height, init, mask))
+            image = to_tensor(control_image(unit, req.width, req.height, init, mask, self.annotators))
             inputs.append(ControlInput(net.model, image.to(model.device, model.dtype), unit.weight, unit.start,
                                        unit.end, unit.guess_mode))
         return tuple(inputs)
@@ -177,17 +187,19 @@ class Job:
                   inpaint: InpaintInputs | None = None) -> BatchOutput:
         req, model = self.req, self.model
         scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr)
-        strength = req.strength if init is not None else None
-        timesteps = set_timesteps(scheduler, req.steps, strength, model.device)
+        timesteps = schedule_timesteps(scheduler, req, init is not None, model.device)
         generators = make_generators(seeds)
         f = model.vae_scale_factor
-        noise = start_noise(seeds, generators, req, iteration * req.batch_size,
-                            (model.latent_channels, req.height // f, req.width // f), f, model.device, model.dtype)
+        handoff = req.denoising_start is not None  # no noise added, none drawn (diffusers' add_noise=False)
+        noise = None if handoff else start_noise(seeds, generators, req, iteration * req.batch_size,
+                                                 (model.latent_channels, req.height // f, req.width // f), f,
+                                                 model.device, model.dtype)
         batch = len(seeds)
         if inpaint is not None and req.masked_content in ("latent noise", "latent nothing"):
             extra = initial_noise(generators, tuple(noise.shape[1:]), model.device, model.dtype)  # next draws
             init = masked_start(inpaint.image_latents, inpaint.mask, req.masked_content, extra)
-        start, condition, blend = start_latents(scheduler, noise, timesteps, init), None, None
+        start = handoff_start(init, batch) if handoff else start_latents(scheduler, noise, timesteps, init)
+        condition, blend = None, None
         if inpaint is not None:
             if req.strength >= 1.0:  # diffusers' inpainting: pure noise at full strength
                 start = noise * scheduler.init_noise_sigma

@@ -134,6 +134,11 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
          != (0, 0), "seed resize is not available for Kandinsky 2.2; set seed_resize_from_w and _h to 0"),
         ("controlnets", bool(getattr(req, "controlnets", ())), "ControlNet units are for Stable Diffusion; "
                                                                "Kandinsky 2.2 cannot use them: remove them"),
+        ("enable_hr", req.enable_hr is not False, "hires fix needs sdstudio's own loop; set enable_hr to false"),
+        ("denoising_end", req.denoising_end is not None, "the latent handoff needs sdstudio's own loop; leave "
+                                                         "denoising_end unset"),
+        ("denoising_start", req.denoising_start is not None, "the latent handoff needs sdstudio's own loop; leave "
+                                                             "denoising_start unset"),
     ]
     if req.mask is not None:
         unsupported += [
@@ -146,6 +151,8 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
             ("inpaint_method", req.inpaint_method == "blend", "Kandinsky 2.2 inpaints with its inpainting "
                                                               "decoder's mask input; use 'auto' or 'condition'"),
         ]
+    if req.init_latents is not None:
+        raise refuse("init_latents", "Kandinsky 2.2 takes an init image, not latents")
     for name, bad, message in unsupported:
         if bad:
             raise refuse(name, f"{message}, got {getattr(req, name)!r}")

@@ -209,7 +209,8 @@ class GeneratedImage:
 class GenerationResult:
     request: GenerationRequest   # as run: seed, size and model resolved
     images: list[GeneratedImage]
-    latents: Tensor              # (N, C, h, w) final latents on the CPU, before VAE decoding
+    latents: Tensor              # (N, C, h, w) final latents on the CPU, before VAE decoding; with denoising_end
+                                 # the partly denoised ones to hand on (init_latents of the next request)
     seconds: float
     warnings: tuple[str, ...] = ()  # what the engine changed or doubted about the request, for the user
 

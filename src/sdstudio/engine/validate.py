@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 
 from sdstudio.engine.control import RESIZE_MODES
+from sdstudio.engine.handoff import check_handoff, check_latent_channels, latents_size
+from sdstudio.engine.hires import check_hires, resolve_hires
 from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
 from sdstudio.engine.preprocess import ALL_PREPROCESSORS
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
@@ -25,6 +27,7 @@ class ModelGeometry:
     factor: int
     native_size: int
     text_layers: int = 12  # the shallowest text encoder's depth: clip skip must stay within it
+    latent_channels: int = 4
 
 
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
@@ -69,6 +72,8 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
             raise RequestError(f"{name} must be a number, got {getattr(req, name)!r}", name)
     for unit in req.controlnets:
         _check_unit(unit)
+    check_handoff(req)
+    check_hires(req, limits)
     choice = resolve_sampler(req.sampler, req.schedule)
     if req.zero_terminal_snr and not choice.supports_zero_snr:
         raise RequestError(f"zero_terminal_snr needs a sampler whose schedule can reach zero SNR; "
@@ -84,6 +89,7 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
     if req.clip_skip > geometry.text_layers:
         raise RequestError(f"clip_skip must be at most {geometry.text_layers} for this model (its text encoder has "
                            f"{geometry.text_layers} layers), got {req.clip_skip}", "clip_skip")
+    check_latent_channels(req, geometry.latent_channels)
     width, height = _resolve_size(req, geometry)
     for name, value in (("width", width), ("height", height)):
         _check_int(value, name, limits.min_side, limits.max_side)
@@ -94,11 +100,14 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
     resolved = req.replace(width=width, height=height, seed=seed, model=model_name,
                            sampler=choice.sampler.name, schedule=choice.schedule)
-    return resolve_variation(resolved, geometry.factor), choice
+    return resolve_hires(resolve_variation(resolved, geometry.factor), req, geometry.factor, limits), choice
 
 
 def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int, int]:
-    """txt2img and "only masked": the model's native size; img2img: the init image's, to the latent grid."""
+    """txt2img and "only masked": the model's native size; img2img: the init image's, to the latent grid,
+    or the init latents' size."""
+    if req.init_latents is not None:
+        return latents_size(req, geometry.factor)
     if req.init_image is not None and not (req.mask is not None and req.only_masked) and (
             req.width is None or req.height is None):
         w, h = req.init_image.size
