@@ -218,3 +218,20 @@ def test_sdxl_matches_diffusers(tmp_path):
                height=64, width=64, controlnet_conditioning_scale=0.9, guess_mode=True,
                generator=generators(1, SEED), output_type="latent").images
     assert (result.latents - ref).abs().max() < 1e-4
+
+
+def test_cli_controlnet_option(setup, tmp_path):
+    from sdstudio.engine.output import read_metadata
+    from tests.test_cli import run
+
+    _, model, nets = setup
+    (tmp_path / "home").mkdir()
+    control_picture().save(tmp_path / "edges.png")
+    spec = f"model={nets / 'edges'},image=edges.png,weight=0.5,end=0.8"
+    proc = run(["txt2img", "a circle", "-m", str(model), "--steps", "2", "--seed", "1", "--controlnet", spec],
+               tmp_path, tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    info = read_metadata(tmp_path / proc.stdout.split()[0]).infotext
+    assert "ControlNet 0:" in info and "Weight: 0.5" in info and "Guidance End: 0.8" in info
+    bad = run(["txt2img", "a circle", "-m", str(model), "--controlnet", "image=edges.png"], tmp_path, tmp_path / "home")
+    assert bad.returncode == 2 and "needs model=NAME" in bad.stderr

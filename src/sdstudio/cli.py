@@ -14,6 +14,7 @@ import typer
 
 from sdstudio import __version__
 from sdstudio.cli_common import fail, quiet_libraries, settings_from
+from sdstudio.cli_control import ControlNetOpt, control_units
 from sdstudio.cli_generate import (
     Batch,
     CaptureEvery,
@@ -102,7 +103,8 @@ def txt2img(ctx: typer.Context,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
             seed_resize_from: SeedResize = None, hires: Hires = None, hr_scale: HrScale = None,
-            hr_upscaler: HrUpscaler = None, hr_steps: HrSteps = None, hr_denoise: HrDenoise = None) -> None:
+            hr_upscaler: HrUpscaler = None, hr_steps: HrSteps = None, hr_denoise: HrDenoise = None,
+            controlnet: ControlNetOpt = None) -> None:
     """Generate images from a prompt."""
     if hires is None and any(v is not None for v in (hr_scale, hr_upscaler, hr_steps, hr_denoise)):
         hires = True  # an --hr-* option asks for the hires fix
@@ -113,7 +115,7 @@ def txt2img(ctx: typer.Context,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        enable_hr=hires, hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
-                       strength=hr_denoise)
+                       strength=hr_denoise, **control_units(controlnet))
     base = fields_from_image(from_image) if from_image else {}
     if not base.get("enable_hr"):
         base.pop("strength", None)  # an img2img's strength; with hires fix it is the second pass's
@@ -131,14 +133,15 @@ def img2img(ctx: typer.Context,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
-            seed_resize_from: SeedResize = None) -> None:
+            seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
                        batch_size=batch_size, n_iter=n_iter, capture_every=capture_every, strength=strength,
                        prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
-                       subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from))
+                       subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
+                       **control_units(controlnet))
     base = fields_from_image(from_image) if from_image else {}
     try:
         init = open_image(image)
