@@ -196,3 +196,17 @@ def test_outpaint_runs_and_keeps_the_original(tiny):
     out = pixels(result.images[0].image)
     assert out.shape == (72, 80, 3)
     assert (out[:56, :56] == pixels(shapes_image())[:56, :56]).all()  # outside mask and overlap: exact
+
+
+def test_soft_grey_mask_is_not_empty_and_corner_box_is_cropped(tiny):
+    engine, paths = tiny
+    grey = Image.new("L", (64, 64), 100)  # below 128 everywhere, but every pixel has strength 0.39
+    soft = engine.generate(request(paths["four"], mask=grey, soft_inpainting=True, strength=0.8))
+    assert soft.request.mode == "inpaint" and not soft.warnings
+    init = shapes_image(128)  # the mask's padded box is exactly 64x64 at the corner: still a crop of a larger image
+    corner = engine.generate(request(paths["four"], init_image=init, mask=box_mask((128, 128), (0, 0, 55, 55)),
+                                     mask_blur=0, only_masked=True, only_masked_padding=8, width=64, height=64,
+                                     keep_unmasked=False))
+    out = pixels(corner.images[0].image)
+    assert out.shape == (128, 128, 3)
+    assert (out[64:] == pixels(init)[64:]).all() and (out[:, 64:] == pixels(init)[:, 64:]).all()

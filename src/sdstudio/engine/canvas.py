@@ -29,10 +29,11 @@ def blurred(mask: Image.Image, radius: int) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
 
 
-def is_empty(mask: Image.Image, invert: bool) -> bool:
-    """True when nothing would be repainted (no pixel >= 128 after inverting)."""
+def is_empty(mask: Image.Image, invert: bool, soft: bool = False) -> bool:
+    """True when nothing would be repainted: no pixel >= 128 after inverting (soft inpainting: no pixel > 0,
+    since every grey value is a strength)."""
     grey = np.asarray(user_mask(mask, mask.size, invert))
-    return not (grey >= 128).any()
+    return not (grey > 0 if soft else grey >= 128).any()
 
 
 def seam_alpha(mask: Image.Image, feather: int) -> Image.Image:
@@ -117,7 +118,7 @@ def inpaint_source(image: Image.Image, mask: Image.Image, width: int, height: in
     alpha = (soft_mask if soft else seam_alpha(grey, blur)) if keep_unmasked else None
     box = crop_box(soft_mask, padding, width / height) if only_masked else (0, 0, *image.size)
     canvas = Canvas(image, box, alpha)
-    if box == (0, 0, width, height):
+    if box == (0, 0, width, height) and image.size == (width, height):
         return InpaintSource(image, soft_mask, canvas)
     scale = (width, height)
     return InpaintSource(image.crop(box).resize(scale, Image.Resampling.LANCZOS),

@@ -92,7 +92,7 @@ class Engine:
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
 
     def load_control(self, path: Path, model: LoadedModel) -> LoadedControl:
-        net = self.controlnets.get(path, model.unet)
+        net = self.controlnets.get(path, model.unet, model.device, model.dtype)
         return LoadedControl(net, path.stem if path.is_file() else path.name, self.controlnets.short_hash(path))
 
     def upscale(self, request: UpscaleRequest, progress: ProgressCallback | None = None,
@@ -117,7 +117,7 @@ def inpaint_checks(req: GenerationRequest, model: LoadedModel) -> tuple[Generati
     if req.init_image is not None and req.mask.size != req.init_image.size:
         warnings.append(f"the mask is {req.mask.width}x{req.mask.height} but the image is "
                         f"{req.init_image.width}x{req.init_image.height}: the mask was resized to fit")
-    if canvas.is_empty(req.mask, req.invert_mask):
+    if canvas.is_empty(req.mask, req.invert_mask, req.soft_inpainting):
         warnings.append("the mask is empty (nothing is white): ran as plain img2img")
         # an inpainting UNet still needs its mask input: an all-zero mask, and nothing pasted back
         req = req.replace(keep_unmasked=False, only_masked=False) if nine else req.replace(mask=None)

@@ -301,7 +301,8 @@ class KandinskyJob:
             image = req.init_image.convert("RGB")
             if image.size != (req.width, req.height):  # resized here: the pipeline swaps height and width
                 image = image.resize((req.width, req.height), Image.Resampling.BICUBIC, reducing_gap=1)
-            return self.model.pipeline("img2img")(image=image, strength=float(req.strength), height=None,
+            # one image per row: with a single one the pipeline draws every row's noise from the first generator
+            return self.model.pipeline("img2img")(image=[image] * batch, strength=float(req.strength), height=None,
                                                   width=None, **args)[0]
         # the inpaint pipeline wants one image and mask per embedding row
         return self.model.pipeline("inpaint")(image=[source.image] * batch, mask_image=[source.mask] * batch,

@@ -66,7 +66,7 @@ def extend_canvas(image: Image.Image, ext: Extension, prefill: str, overlap: int
     canvas = np.pad(rgb, pad, mode="constant")
     if prefill == "blur":
         area = Image.fromarray((new * 255).astype(np.uint8))
-        sigma = max(ext.left, ext.right, ext.up, ext.down) / 2
+        sigma = min(max(ext.left, ext.right, ext.up, ext.down) / 2, 48.0)  # wider blurs only cost time
         return fill_masked(Image.fromarray(canvas), area, sigma=max(sigma, 2.0)), mask
     # noise with the image's own per-channel mean and spread, so the sampler starts from its palette
     rng = np.random.default_rng(seed)
@@ -76,7 +76,7 @@ def extend_canvas(image: Image.Image, ext: Extension, prefill: str, overlap: int
     return Image.fromarray(canvas), mask
 
 
-def outpaint_request(req: GenerationRequest, image: Image.Image, ext: Extension, prefill: str = "edge",
+def outpaint_request(req: GenerationRequest, image: Image.Image, ext: Extension, prefill: str = "blur",
                      overlap: int = 8, limit: int = 4096) -> GenerationRequest:
     """An inpainting request that extends `image` by `ext` (rounded to the latent grid)."""
     ext.check(limit)

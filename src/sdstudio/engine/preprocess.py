@@ -18,7 +18,8 @@ from torch import Tensor
 
 from sdstudio.errors import RequestError
 
-ANNOTATORS = {"openpose": ("body_pose_model.pth",), "depth": ("dpt_hybrid-midas-501f0c75.pt",)}
+ANNOTATORS = {"openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+              "depth": ("dpt_hybrid-midas-501f0c75.pt",)}
 
 
 def canny_edges(pixels: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
@@ -126,7 +127,10 @@ def annotator(name: str, folder: Path | None) -> Callable[[Image.Image], Image.I
         raise RequestError(f"the {name} preprocessor needs the controlnet_aux package: pip install controlnet_aux",
                            "preprocessor") from e
     detector = (controlnet_aux.OpenposeDetector if name == "openpose" else controlnet_aux.MidasDetector)
-    model = detector.from_pretrained(str(folder))
+    try:
+        model = detector.from_pretrained(str(folder))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RequestError(f"the {name} annotator in {folder} could not be loaded: {e}", "preprocessor") from e
     return lambda image: model(image).convert("RGB").resize(image.size)
 
 

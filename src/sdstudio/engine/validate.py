@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from PIL import Image
+
 from sdstudio.engine.control import RESIZE_MODES
 from sdstudio.engine.handoff import check_handoff, check_latent_channels, latents_size
 from sdstudio.engine.hires import check_hires, resolve_hires
@@ -70,8 +72,16 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if not isinstance(getattr(req, name), int | float):
             raise RequestError(f"{name} must be a number, got {getattr(req, name)!r}", name)
+    if not isinstance(req.controlnets, tuple | list):
+        raise RequestError(f"controlnets must be a list of ControlNet units, got {req.controlnets!r}", "controlnets")
     for unit in req.controlnets:
         _check_unit(unit)
+        if unit.preprocessor == "inpaint" and req.mask is None:
+            raise RequestError("the inpaint preprocessor needs an init image and a mask (inpainting)",
+                               "controlnets.preprocessor")
+        if unit.image is None and req.init_image is None:
+            raise RequestError("a ControlNet unit needs a control image (or an init image to take it from)",
+                               "controlnets.image")
     check_handoff(req)
     check_hires(req, limits)
     choice = resolve_sampler(req.sampler, req.schedule)
@@ -137,6 +147,9 @@ def _check_unit(unit: object) -> None:
     """One ControlNet unit; errors name the unit's field as `controlnets.<field>`."""
     if not isinstance(unit, ControlUnit):
         raise RequestError(f"controlnets must hold ControlUnit entries, got {type(unit).__name__}", "controlnets")
+    if unit.image is not None and not isinstance(unit.image, Image.Image):
+        raise RequestError(f"a ControlNet unit's image must be a picture, got {type(unit.image).__name__}",
+                           "controlnets.image")
     if not isinstance(unit.model, str) or not unit.model.strip():
         raise RequestError("a ControlNet unit needs a model (a ControlNet folder or file, by name or path)",
                            "controlnets.model")

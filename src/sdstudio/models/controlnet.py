@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
@@ -74,10 +75,23 @@ def load_controlnet(path: Path, unet: UNet2DConditionModel) -> ControlNetModel:
         widths = (int(state[embedding].shape[0]), *(int(state[k].shape[0]) for k in blocks[1::2]))
     else:
         raise RequestError(f"{path.name} is not a ControlNet (no hint encoder weights)", "controlnets")
-    config = dict(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths).config)
+    conv_in = state.get("input_blocks.0.0.weight", state.get("conv_in.weight"))
+    with init_empty_weights():  # only the config is wanted, not a copy of the UNet's weights
+        like = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths,
+                                         load_weights_from_unet=False)
+    config = {**like.config, "in_channels": int(conv_in.shape[1]) if conv_in is not None else 4}
     if hint:
         state = convert_controlnet_checkpoint(state, config)
     return build_module(lambda: ControlNetModel.from_config(config), state, f"ControlNet {path.name}")
+
+
+def check_fits(net: ControlNetModel, unet: UNet2DConditionModel, path: Path) -> None:
+    """A ControlNet made for another family (SD1 vs SD2 vs SDXL) fails deep inside the UNet call; say so."""
+    mine, theirs = net.config, unet.config
+    for key in ("cross_attention_dim", "addition_embed_type"):
+        if mine.get(key) != theirs.get(key):
+            raise RequestError(f"the ControlNet {path.name} does not fit this model: its {key} is {mine.get(key)}, "
+                               f"the model's is {theirs.get(key)} (a ControlNet for another family?)", "controlnets")
 
 
 class ControlNetCache:
@@ -87,12 +101,15 @@ class ControlNetCache:
         self.hashes, self.keep = hashes, keep
         self._loaded: OrderedDict[tuple, ControlNetModel] = OrderedDict()
 
-    def get(self, path: Path, unet: UNet2DConditionModel) -> ControlNetModel:
-        key = (str(path.resolve()), path.stat().st_mtime_ns, str(unet.device), str(unet.dtype))
+    def get(self, path: Path, unet: UNet2DConditionModel, device: torch.device, dtype: torch.dtype) -> ControlNetModel:
+        """On the device the model runs on (its UNet may be offloaded elsewhere between calls)."""
+        key = (str(path.resolve()), path.stat().st_mtime_ns, str(device), str(dtype))
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
-        model = load_controlnet(path, unet).to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
+        model = load_controlnet(path, unet)
+        check_fits(model, unet, path)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self._loaded[key] = model
         while len(self._loaded) > self.keep:
             self._loaded.popitem(last=False)

@@ -4,7 +4,9 @@ The ControlNet starts as a copy of the base UNet's encoder and middle block (Con
 with zero-initialised output convolutions, so at step 0 it adds nothing. The base model (UNet, text
 encoder, VAE) stays frozen; the loss is the base objective with the ControlNet's residuals added to the
 UNet: || eps - UNet(x_t, t, c, residuals = ControlNet(x_t, t, c, control)) ||^2, Min-SNR weighted.
-Half the captions are dropped (as in the paper), so the control image alone carries the layout.
+Half the captions are dropped (as in the paper). With `layout_from_control` (the default) the shapes
+captions also lose their position and size phrases ("at the top right", "small"): what the edge map
+shows is then the only source of the layout, so the ControlNet cannot leave it to the text.
 The control image is the canny edge map of the training image (engine/preprocess.py), in [0, 1].
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from sdstudio.train.data import batch_indices, open_data
 from sdstudio.train.latents import LatentSource
 from sdstudio.train.loop import config_json, resume_point, run_steps
 from sdstudio.train.sd import drop_captions, load_vae
+from sdstudio.train.shapes import POSITIONS
 from sdstudio.train.state import ProgressFn, save_state, state_dir, step_generator
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,16 @@ class ControlNetTrainConfig:
     save_every: int = 500
     save_dtype: str = "float32"
     cache_latents: bool = True
+    layout_from_control: bool = True  # drop position and size phrases from the captions
+
+
+_PHRASES = sorted(POSITIONS.values(), key=len, reverse=True)  # "at the top right" before "at the top"
+LAYOUT = re.compile("|".join([r"\b(small|large) ", *(" " + re.escape(p) for p in _PHRASES)]))
+
+
+def strip_layout(caption: str) -> str:
+    """"a small red circle at the top right on a blue background" -> "a red circle on a blue background"."""
+    return LAYOUT.sub("", caption)
 
 
 def control_images(pixels: Tensor) -> Tensor:
@@ -97,6 +111,8 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: ProgressFn | None = N
         g = step_generator(cfg.seed, i)
         z, captions = latents.batch(idx, g)
         control = control_images(latents.pixels(idx))
+        if cfg.layout_from_control:
+            captions = [strip_layout(c) for c in captions]
         ids = tokenizer(drop_captions(captions, cfg.caption_dropout, cfg.seed, i), padding="max_length",
                         max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
