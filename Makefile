@@ -21,7 +21,7 @@ run: setup
 	$(BIN)/sdstudio txt2img "a red circle on a blue background"
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts examples
 
 test: lint
 	$(BIN)/pytest -q
