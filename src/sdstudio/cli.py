@@ -53,6 +53,7 @@ from sdstudio.cli_generate import (
 from sdstudio.cli_inpaint import inpaint, outpaint
 from sdstudio.cli_models import app as models_app
 from sdstudio.cli_prompt import app as prompt_app
+from sdstudio.cli_serve import serve
 from sdstudio.cli_train import app as train_app
 from sdstudio.cli_upscale import upscale
 from sdstudio.cli_xyz import xyz
@@ -152,6 +153,7 @@ def img2img(ctx: typer.Context,
 
 app.command()(inpaint)
 app.command()(outpaint)
+app.command()(serve)
 app.command()(upscale)
 app.command("xyz")(xyz)
 

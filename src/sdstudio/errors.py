@@ -19,3 +19,11 @@ class ModelError(SdStudioError):
 
 class Cancelled(SdStudioError):
     """The job was cancelled through its cancel token."""
+
+
+class StoreError(SdStudioError):
+    """The history / job database cannot be opened or used; the file is left untouched."""
+
+
+class NotFound(SdStudioError):
+    """A job, image or model asked for by id does not exist (HTTP 404)."""

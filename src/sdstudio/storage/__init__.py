@@ -1,1 +1,1 @@
-"""Storage: images on disk with their metadata (and, later, history and the job queue)."""
+"""Storage: images on disk with their metadata (images.py), the job queue and history in SQLite (jobs.py)."""

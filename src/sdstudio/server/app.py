@@ -1,0 +1,212 @@
+"""The HTTP door: FastAPI app with the native job API (/api/v1); the worker owns the device.
+
+Every job goes through the durable queue (storage/jobs.py): submitting returns its id at once, the one
+worker runs jobs in order, results and images are kept in the data folder. Images are referenced by
+job id and index only: no route takes a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from sdstudio.engine.engine import Engine
+from sdstudio.engine.validate import check_fields
+from sdstudio.errors import NotFound, RequestError, SdStudioError
+from sdstudio.server.payload import decode_request
+from sdstudio.server.worker import Worker
+from sdstudio.settings import Settings
+from sdstudio.storage.jobs import JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    store: JobStore
+    worker: Worker
+    images_dir: Path
+
+
+class JobBody(BaseModel):
+    """A job: the request fields as GenerationRequest names them, pictures as base64 PNG."""
+
+    request: dict[str, Any] = Field(description="GenerationRequest fields; init_image, mask and ControlNet "
+                                                "images as base64")
+    idempotency_key: str | None = Field(default=None, max_length=200)
+
+
+def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
+    view: dict[str, Any] = {"id": job.id, "status": job.status, "created": job.created, "started": job.started,
+                            "finished": job.finished, "error": job.error}
+    if job.status == "queued":
+        view["position"] = state.store.queue_position(job.id)
+    if job.status == "running" and state.worker.progress.job_id == job.id:
+        view["progress"] = state.worker.progress.fraction
+    if job.result:
+        view["result"] = {**{k: v for k, v in job.result.items() if k != "images"},
+                          "images": [f"/api/v1/images/{job.id}/{i}" for i in range(len(job.result["images"]))]}
+    return view
+
+
+def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
+               auth: dict[str, str] | None = None) -> FastAPI:
+    """auth: user -> password; when given, every route (docs included) needs HTTP Basic credentials."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(data_dir / "jobs.sqlite3")
+    recovered = store.recover()
+    if recovered:
+        log.warning("recovered %d job(s) left running by the last shutdown", len(recovered))
+    engine = Engine(settings)
+    images_dir = data_dir / "images"
+    worker = Worker(engine, store, images_dir)
+    state = ServerState(settings, engine, store, worker, images_dir)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_worker:
+            worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="sdstudio", version="1", lifespan=lifespan,
+                  description="Native job API (/api/v1) and AUTOMATIC1111-compatible API (/sdapi/v1).")
+    app.state.sdstudio = state
+    add_error_handlers(app)
+    if auth:
+        add_basic_auth(app, auth)
+
+    @app.post("/api/v1/jobs", status_code=202)
+    def submit(body: JobBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
+        request = decode_request(body.request)
+        check_fields(request, settings.limits)  # everything that needs no model: 422 before queueing
+        job = store.submit(request.mode, body.request, body.idempotency_key or idempotency_key)
+        worker.wake()
+        return job_view(job, state)
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def status(job_id: str) -> dict[str, Any]:
+        return job_view(_job(store, job_id), state)
+
+    @app.post("/api/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> dict[str, Any]:
+        job = store.cancel(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        if job.status == "running":
+            worker.interrupt(job_id)
+        return job_view(store.get(job_id) or job, state)
+
+    @app.get("/api/v1/jobs")
+    def history(offset: int = 0, limit: int = 20, q: str | None = None, status: str | None = None) -> dict[str, Any]:
+        if offset < 0 or not 1 <= limit <= 100:
+            raise RequestError("offset must be >= 0 and limit between 1 and 100", "limit")
+        jobs, total = store.history(offset, limit, q, status)
+        return {"total": total, "offset": offset, "jobs": [job_view(j, state) for j in jobs]}
+
+    @app.get("/api/v1/images/{job_id}/{index}")
+    def image(job_id: str, index: int) -> FileResponse:
+        job = _job(store, job_id)
+        files = (job.result or {}).get("images", [])
+        if not 0 <= index < len(files):
+            raise NotFound(f"job {job_id} has no image {index}")
+        return FileResponse(images_dir / files[index], media_type="image/png")
+
+    @app.get("/api/v1/jobs/{job_id}/events")
+    async def events(job_id: str) -> StreamingResponse:
+        _job(store, job_id)
+        return StreamingResponse(_events(state, job_id), media_type="text/event-stream")
+
+    return app
+
+
+def _job(store: JobStore, job_id: str) -> JobRecord:
+    job = store.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:
+    """Server-sent events: `progress` while the job waits or runs, then one `done` with its final view."""
+    while True:
+        job = state.store.get(job_id)
+        if job is None or job.status in ("done", "failed", "cancelled"):
+            yield f"event: done\ndata: {json.dumps(job_view(job, state) if job else {})}\n\n"
+            return
+        yield f"event: progress\ndata: {json.dumps(job_view(job, state))}\n\n"
+        await asyncio.sleep(0.25)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Bad input is a 4xx with a JSON body saying what to fix; nothing leaks a stack trace or a path."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"error": "bad request", "detail": str(e), "field": e.field}, status_code=422)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, e: NotFound) -> JSONResponse:
+        return JSONResponse({"error": "not found", "detail": str(e)}, status_code=404)
+
+    @app.exception_handler(SdStudioError)
+    async def sdstudio_error(_: Request, e: SdStudioError) -> JSONResponse:
+        return JSONResponse({"error": type(e).__name__, "detail": str(e)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in e.errors()]
+        return JSONResponse({"error": "bad request", "detail": problems[0]["message"] if problems else "invalid",
+                             "errors": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": "internal error", "detail": type(e).__name__}, status_code=500)
+
+
+def add_basic_auth(app: FastAPI, users: dict[str, str]) -> None:
+    """HTTP Basic on every route; passwords compared in constant time."""
+
+    @app.middleware("http")
+    async def basic_auth(request: Request, call_next: Any) -> Any:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, password = "", ""
+            expected = users.get(user)
+            if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
+                return await call_next(request)
+        return JSONResponse({"error": "unauthorized", "detail": "give the user and password set with --api-auth"},
+                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="sdstudio"'})
+
+
+def parse_auth(text: str | None) -> dict[str, str] | None:
+    """"user:pass[,user2:pass2]" -> {user: pass}; a malformed entry is a RequestError."""
+    if not text:
+        return None
+    users = {}
+    for entry in text.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise RequestError(f"--api-auth takes user:password pairs separated by commas, got {entry!r}",
+                               "api_auth")
+        users[user] = password
+    return users

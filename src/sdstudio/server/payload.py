@@ -1,0 +1,72 @@
+"""A GenerationRequest as the JSON the job queue stores, pictures included (base64 PNG), and back.
+
+The queue must be able to rebuild the exact request after a restart, so unlike the image record
+(which keeps only a picture's size and hash) the payload carries the pictures themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
+from sdstudio.errors import RequestError
+
+
+def image_to_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_from_b64(text: str, field: str) -> Image.Image:
+    """A picture from base64 (a `data:image/...;base64,` prefix is allowed); clear errors for anything else."""
+    if not isinstance(text, str):
+        raise RequestError(f"{field} must be a base64-encoded image, got {type(text).__name__}", field)
+    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"{field} is not valid base64: {e}", field) from None
+    except (UnidentifiedImageError, OSError):
+        raise RequestError(f"{field} is not an image PIL can read (PNG, JPEG, WebP...)", field) from None
+    return image
+
+
+def encode_request(req: GenerationRequest) -> dict[str, Any]:
+    """JSON-ready fields with every picture as base64 PNG; tensors (init_latents) cannot be queued."""
+    if getattr(req, "init_latents", None) is not None:
+        raise RequestError("init_latents cannot be sent through the job queue: send an image", "init_latents")
+    fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)
+              if f.name not in (*IMAGES, "init_latents", "controlnets")}
+    for name in IMAGES:
+        image = getattr(req, name)
+        fields[name] = image_to_b64(image) if image is not None else None
+    fields["controlnets"] = [
+        {**{f.name: getattr(u, f.name) for f in dataclasses.fields(u) if f.name != "image"},
+         "image": image_to_b64(u.image) if u.image is not None else None}
+        for u in req.controlnets]
+    return fields
+
+
+def decode_request(payload: dict[str, Any]) -> GenerationRequest:
+    """The inverse of encode_request."""
+    fields = {k: v for k, v in payload.items() if k in GenerationRequest.field_names() and k != "controlnets"}
+    for name in ("original_size", "crop_left_top"):  # JSON has no tuples
+        if isinstance(fields.get(name), list):
+            fields[name] = tuple(fields[name])
+    for name in IMAGES:
+        if payload.get(name):
+            fields[name] = image_from_b64(payload[name], name)
+    units = []
+    for unit in payload.get("controlnets") or ():
+        image = image_from_b64(unit["image"], "controlnets.image") if unit.get("image") else None
+        units.append(ControlUnit(**{**ControlUnit.from_dict(unit).__dict__, "image": image}))
+    return GenerationRequest(**fields, controlnets=tuple(units))

@@ -1,0 +1,150 @@
+"""The one worker that owns the device: takes jobs from the durable queue, runs them, stores results.
+
+A job's progress (step, total, ETA, a cheap preview) is kept in memory for the progress routes; the
+queue in SQLite holds everything that must survive a crash. A failing job (bad input found late, out of
+memory, a bug) is marked failed with its reason, memory is released, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdstudio.engine.engine import Engine
+from sdstudio.engine.hooks import CancelToken, ProgressEvent
+from sdstudio.engine.output import save_result
+from sdstudio.errors import Cancelled, SdStudioError
+from sdstudio.server.payload import decode_request
+from sdstudio.storage.jobs import JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveProgress:
+    """What the progress routes show about the running job (A1111's /progress reads this too)."""
+
+    job_id: str | None = None
+    fraction: float = 0.0
+    step: int = 0
+    steps: int = 0
+    iteration: int = 0
+    n_iter: int = 0
+    started: float = 0.0
+    preview: Callable[[], Image.Image] | None = None
+    skip: bool = False                      # A1111's skip: finish the current batch early (recorded only)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def eta(self) -> float:
+        if self.fraction <= 0:
+            return 0.0
+        elapsed = time.monotonic() - self.started
+        return elapsed * (1 - self.fraction) / self.fraction
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Worker:
+    """One thread; `run_job` is separate so tests can drive it synchronously."""
+
+    def __init__(self, engine: Engine, store: JobStore, images_dir: Path, poll: float = 0.05):
+        self.engine, self.store, self.images_dir, self.poll = engine, store, images_dir, poll
+        self.progress = LiveProgress()
+        self.cancel_token: CancelToken | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.cancel_token:
+            self.cancel_token.cancel()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Cancel the running job (only `job_id` when given); True when one was running."""
+        token, running = self.cancel_token, self.progress.job_id
+        if token is None or running is None or (job_id is not None and job_id != running):
+            return False
+        token.cancel()
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(self.poll)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: JobRecord) -> None:
+        token = self.cancel_token = CancelToken()
+        with self.progress.lock:
+            self.progress.job_id, self.progress.fraction, self.progress.started = job.id, 0.0, time.monotonic()
+            self.progress.preview = None
+        try:
+            if self.store.is_cancel_requested(job.id):
+                raise Cancelled("cancelled before it started")
+            request = decode_request(job.payload)
+            result = self.engine.generate(request, progress=self._on_progress(job.id, token), cancel=token)
+            saved = save_result(result, self.images_dir)
+            self.store.finish(job.id, self.result_record(result, saved))
+        except Cancelled:
+            self.store.mark_cancelled(job.id)
+        except SdStudioError as e:
+            self.store.fail(job.id, str(e))
+        except Exception as e:  # the worker must outlive any job
+            reason = ("out of memory: try a smaller size or batch, or --offload model" if is_out_of_memory(e)
+                      else f"internal error ({type(e).__name__}); see the server log")
+            log.exception("job %s failed", job.id)
+            self.store.fail(job.id, reason)
+        finally:
+            with self.progress.lock:
+                self.progress.job_id, self.progress.preview = None, None
+            self.cancel_token = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _on_progress(self, job_id: str, token: CancelToken) -> Callable[[ProgressEvent], None]:
+        def on_event(event: ProgressEvent) -> None:
+            with self.progress.lock:
+                p = self.progress
+                p.fraction, p.step, p.steps = event.fraction, event.step, event.steps
+                p.iteration, p.n_iter, p.preview = event.iteration, event.n_iter, event.preview
+            if self.store.is_cancel_requested(job_id):
+                token.cancel()
+
+        return on_event
+
+    def result_record(self, result: Any, saved: list[Any]) -> dict[str, Any]:
+        """What history keeps: image files (relative to the images folder), seeds, infotexts, timings."""
+        return {
+            "images": [str(s.path.relative_to(self.images_dir)) for s in saved],
+            "seeds": [im.seed for im in result.images],
+            "infotexts": [im.infotext for im in result.images],
+            "request": result.request.to_dict(),
+            "warnings": list(result.warnings),
+            "seconds": result.seconds,
+        }

@@ -1,0 +1,92 @@
+"""The native HTTP job API on a live app (worker thread, SQLite queue) with the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdstudio.server.app import create_app
+from sdstudio.server.payload import image_to_b64
+from tests.conftest import make_settings, shapes_image
+
+
+@pytest.fixture
+def client(tmp_path, tiny_model):
+    settings = make_settings(tmp_path / "home", tiny_model.parent, default_model=str(tiny_model))
+    with TestClient(create_app(settings, tmp_path / "data")) as c:
+        yield c
+
+
+def wait(client, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/api/v1/jobs/{job_id}").json()
+        if view["status"] in ("done", "failed", "cancelled"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_submit_returns_at_once_and_the_job_completes(client):
+    response = client.post("/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 2, "seed": 5,
+                                                             "batch_size": 2}})
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] in ("queued", "running") and len(job["id"]) >= 16
+    done = wait(client, job["id"])
+    assert done["status"] == "done", done
+    assert done["result"]["seeds"] == [5, 6] and "Seed: 5" in done["result"]["infotexts"][0]
+    png = client.get(done["result"]["images"][1])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
+    assert client.get(f"/api/v1/images/{job['id']}/7").status_code == 404
+
+
+def test_img2img_with_pictures_in_the_request(client):
+    body = {"request": {"prompt": "a blue square", "init_image": image_to_b64(shapes_image()), "strength": 0.5,
+                        "steps": 2, "seed": 1}}
+    done = wait(client, client.post("/api/v1/jobs", json=body).json()["id"])
+    assert done["status"] == "done" and done["result"]["request"]["mode"] == "img2img"
+
+
+def test_bad_input_is_a_422_that_says_what_to_fix(client):
+    bad = client.post("/api/v1/jobs", json={"request": {"prompt": "x", "sampler": "Eulr"}})
+    assert bad.status_code == 422
+    body = bad.json()
+    assert "Euler" in body["detail"] and body["field"] == "sampler"
+    assert client.post("/api/v1/jobs", json={"request": {"init_image": "not base64!"}}).status_code == 422
+    assert client.post("/api/v1/jobs", json={"nothing": 1}).status_code == 422
+    assert client.get("/api/v1/jobs/nope").status_code == 404
+    image = base64.b64encode(b"GIF89a-not-really").decode()
+    assert "image" in client.post("/api/v1/jobs", json={"request": {"init_image": image}}).json()["detail"]
+
+
+def test_idempotency_history_and_cancel(client):
+    first = client.post("/api/v1/jobs", json={"request": {"prompt": "a green diamond", "steps": 2, "seed": 1}},
+                        headers={"Idempotency-Key": "abc"}).json()
+    again = client.post("/api/v1/jobs", json={"request": {"prompt": "a green diamond", "steps": 2, "seed": 1}},
+                        headers={"Idempotency-Key": "abc"}).json()
+    assert again["id"] == first["id"]
+    long_job = client.post("/api/v1/jobs", json={"request": {"prompt": "slow", "steps": 150, "seed": 2}}).json()
+    queued = client.post("/api/v1/jobs", json={"request": {"prompt": "never", "steps": 2, "seed": 3}}).json()
+    assert client.post(f"/api/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+    client.post(f"/api/v1/jobs/{long_job['id']}/cancel")
+    assert wait(client, long_job["id"])["status"] == "cancelled"
+    assert wait(client, first["id"])["status"] == "done"
+    page = client.get("/api/v1/jobs", params={"q": "diamond"}).json()
+    assert page["total"] == 1 and page["jobs"][0]["id"] == first["id"]
+    assert client.get("/api/v1/jobs", params={"limit": 1}).json()["total"] >= 3
+
+
+def test_auth_covers_every_route(tmp_path, tiny_model):
+    settings = make_settings(tmp_path / "home", tiny_model.parent, default_model=str(tiny_model))
+    app = create_app(settings, tmp_path / "data", start_worker=False, auth={"ann": "secret"})
+    with TestClient(app) as c:
+        for path in ("/api/v1/jobs", "/docs", "/openapi.json", "/api/v1/jobs/x"):
+            assert c.get(path).status_code == 401
+        assert c.get("/api/v1/jobs", auth=("ann", "secret")).status_code == 200
+        assert c.get("/api/v1/jobs", auth=("ann", "wrong")).status_code == 401
