@@ -287,13 +287,20 @@ def controlnet_unit(arg: dict[str, Any], index: int = 0) -> ControlUnit:
     canny = preprocessor == "canny"
     return ControlUnit(
         model=model.strip(), image=decode_image(image, f"{where}.image") if image else None,
-        preprocessor=preprocessor, weight=float(arg.get("weight", 1.0)),
-        start=float(arg.get("guidance_start", 0.0)), end=float(arg.get("guidance_end", 1.0)),
+        preprocessor=preprocessor, weight=_number(arg, "weight", 1.0, where),
+        start=_number(arg, "guidance_start", 0.0, where), end=_number(arg, "guidance_end", 1.0, where),
         guess_mode=_control_mode(arg, where), resize_mode=_lookup(_RESIZE_MODES, arg.get("resize_mode", 1), where,
                                                                   "resize_mode"),
         low_threshold=int(low) if canny and _given(low) else 100,
         high_threshold=int(high) if canny and _given(high) else 200,
     )
+
+
+def _number(arg: dict[str, Any], name: str, default: float, where: str) -> float:
+    value = arg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"{where}.{name} must be a number, got {value!r}", f"{where}.{name}")
+    return float(value)
 
 
 def _given(value: Any) -> bool:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.validate import check_fields
 from sdstudio.errors import NotFound, RequestError, SdStudioError
+from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
 from sdstudio.server.payload import decode_request
 from sdstudio.server.worker import Worker
 from sdstudio.settings import Settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
                   description="Native job API (/api/v1) and AUTOMATIC1111-compatible API (/sdapi/v1).")
     app.state.sdstudio = state
     add_error_handlers(app)
+    add_a1111_routes(app, state)
     if auth:
         add_basic_auth(app, auth)
 
@@ -157,7 +159,10 @@ def add_error_handlers(app: FastAPI) -> None:
     """Bad input is a 4xx with a JSON body saying what to fix; nothing leaks a stack trace or a path."""
 
     @app.exception_handler(RequestError)
-    async def request_error(_: Request, e: RequestError) -> JSONResponse:
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        if request.url.path.startswith("/sdapi/"):
+            status, body = a1111_error(e)
+            return JSONResponse(body, status_code=status)
         return JSONResponse({"error": "bad request", "detail": str(e), "field": e.field}, status_code=422)
 
     @app.exception_handler(NotFound)
@@ -165,13 +170,21 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": "not found", "detail": str(e)}, status_code=404)
 
     @app.exception_handler(SdStudioError)
-    async def sdstudio_error(_: Request, e: SdStudioError) -> JSONResponse:
+    async def sdstudio_error(request: Request, e: SdStudioError) -> JSONResponse:
+        if request.url.path.startswith("/sdapi/"):
+            status, body = a1111_error(e)
+            return JSONResponse(body, status_code=status)
         return JSONResponse({"error": type(e).__name__, "detail": str(e)}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        problems = [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in e.errors()]
-        return JSONResponse({"error": "bad request", "detail": problems[0]["message"] if problems else "invalid",
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = [{"field": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
+                    for err in e.errors()]
+        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+        if request.url.path.startswith("/sdapi/"):
+            status, body = a1111_error(RequestError(f"{first['field']}: {first['message']}", first["field"]))
+            return JSONResponse(body, status_code=status)
+        return JSONResponse({"error": "bad request", "detail": f"{first['field']}: {first['message']}",
                              "errors": problems}, status_code=422)
 
     @app.exception_handler(Exception)

@@ -7,37 +7,21 @@ The queue must be able to rebuild the exact request after a restart, so unlike t
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import io
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
 from sdstudio.errors import RequestError
+from sdstudio.server.a1111 import decode_image as image_from_b64
 
 
 def image_to_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def image_from_b64(text: str, field: str) -> Image.Image:
-    """A picture from base64 (a `data:image/...;base64,` prefix is allowed); clear errors for anything else."""
-    if not isinstance(text, str):
-        raise RequestError(f"{field} must be a base64-encoded image, got {type(text).__name__}", field)
-    data = text.split(",", 1)[1] if text.startswith("data:") else text
-    try:
-        raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(f"{field} is not valid base64: {e}", field) from None
-    except (UnidentifiedImageError, OSError):
-        raise RequestError(f"{field} is not an image PIL can read (PNG, JPEG, WebP...)", field) from None
-    return image
 
 
 def encode_request(req: GenerationRequest) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._results: dict[str, Any] = {}  # GenerationResults of A1111-route jobs, until their route takes them
+        self._results_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
@@ -89,6 +91,11 @@ class Worker:
         token.cancel()
         return True
 
+    def take_result(self, job_id: str) -> Any:
+        """The GenerationResult of a finished A1111-route job, once (None if there is none)."""
+        with self._results_lock:
+            return self._results.pop(job_id, None)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             job = self.store.claim_next()
@@ -109,6 +116,9 @@ class Worker:
             request = decode_request(job.payload)
             result = self.engine.generate(request, progress=self._on_progress(job.id, token), cancel=token)
             saved = save_result(result, self.images_dir)
+            if job.kind.startswith("sdapi"):
+                with self._results_lock:
+                    self._results[job.id] = result
             self.store.finish(job.id, self.result_record(result, saved))
         except Cancelled:
             self.store.mark_cancelled(job.id)

@@ -1,0 +1,169 @@
+"""AUTOMATIC1111's /sdapi/v1 routes over the same queue and worker as the native API.
+
+A1111 answers txt2img/img2img only when the images are made; so do we: the job is queued like any
+other (durable, one worker) and the route waits for it. Interrupt and skip act on the running job only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+
+from sdstudio.engine.infotext import parse_infotext
+from sdstudio.engine.upscale import latent_upscale_modes
+from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
+from sdstudio.models import catalog
+from sdstudio.server import a1111_options as listings
+from sdstudio.server.a1111 import (
+    Img2ImgBody,
+    Txt2ImgBody,
+    a1111_response,
+    check_supported,
+    decode_image,
+    to_generation_request,
+)
+from sdstudio.server.a1111_options import A1111Options
+from sdstudio.server.payload import encode_request
+
+if TYPE_CHECKING:
+    from sdstudio.server.app import ServerState
+
+A1111_KIND = "sdapi"  # jobs whose result the waiting route picks up from the worker
+
+
+def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
+    worker, store = state.worker, state.store
+    options = {"current": A1111Options()}
+
+    def generate(body: Txt2ImgBody | Img2ImgBody) -> dict[str, Any]:
+        check_supported(body)
+        request = to_generation_request(body, options["current"])
+        job = store.submit(f"{A1111_KIND}-{request.mode}", encode_request(request))
+        worker.wake()
+        while (current := store.get(job.id)) is not None and current.status in ("queued", "running"):
+            time.sleep(0.05)
+        result = worker.take_result(job.id)
+        if current is None or current.status != "done" or result is None:
+            reason = current.error if current else "the job disappeared"
+            if current is not None and current.status == "cancelled":
+                reason = "interrupted"
+            raise RequestError(reason or "the job did not finish", "job")
+        return a1111_response(body, result)
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
+        return generate(body)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(body: Img2ImgBody) -> dict[str, Any]:
+        return generate(body)
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        current = options["current"]
+        if current.sd_model_checkpoint is None:
+            return {**current.to_dict(), "sd_model_checkpoint": state.settings.default_model}
+        return current.to_dict()
+
+    @app.post("/sdapi/v1/options")
+    def set_options(data: dict[str, Any]) -> None:
+        updated = options["current"].updated(data)
+        if updated.sd_model_checkpoint:
+            state.engine.model_ref(updated.sd_model_checkpoint)  # unknown names fail here, listing close ones
+        options["current"] = updated
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        refs = catalog.scan([folder for _, folder in state.engine.folders.checkpoints])
+        known = state.engine.models.hashes.known()
+        return listings.sd_models(refs, lambda ref: known.get(str(ref.path.resolve())))
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        return None  # the catalog is scanned on every lookup
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return listings.samplers()
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return listings.schedulers()
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [u.to_dict() for u in state.engine.upscalers.available()]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in latent_upscale_modes()]
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        p = worker.progress
+        with p.lock:
+            running, fraction, preview = p.job_id, p.fraction, p.preview
+            step, steps, iteration, n_iter = p.step, p.steps, p.iteration, p.n_iter
+        image = None
+        if preview is not None and not skip_current_image:
+            buffer = io.BytesIO()
+            preview().save(buffer, format="PNG")
+            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        queued = store.history(0, 1, status="queued")[1]
+        return {"progress": fraction if running else 0.0, "eta_relative": p.eta() if running else 0.0,
+                "state": {"skipped": False, "interrupted": False, "job": running or "", "job_count": queued +
+                          (1 if running else 0), "job_timestamp": "", "job_no": iteration, "sampling_step": step,
+                          "sampling_steps": steps, "n_iter": n_iter},
+                "current_image": image, "textinfo": None, "current_task": running}
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> None:
+        running = worker.progress.job_id
+        if running:
+            store.cancel(running)
+            worker.interrupt(running)
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> None:
+        interrupt()  # one image per batch job here: skipping it ends the job, as A1111 does for batch 1
+
+    @app.post("/sdapi/v1/png-info")
+    def read_png_info(data: dict[str, Any]) -> dict[str, Any]:
+        image = decode_image(data.get("image"), "image")
+        chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}  # PNG text chunks
+        text = chunks.get("parameters", "")
+        items = {k: v for k, v in chunks.items() if k != "parameters"}
+        parsed = parse_infotext(text).params if text else {}
+        return {"info": text, "items": items, "parameters": parsed}
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        return memory_report()
+
+
+def memory_report() -> dict[str, Any]:
+    """A1111's /memory shape, the parts we can measure: process RSS and the CUDA allocator's counters."""
+    import resource
+
+    import torch
+
+    ram = {"used": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # peak RSS in bytes (Linux: KiB)
+    cuda: dict[str, Any] = {"error": "no CUDA device"}
+    if torch.cuda.is_available():
+        cuda = {"system": {"free": torch.cuda.mem_get_info()[0], "total": torch.cuda.mem_get_info()[1]},
+                "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+                "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()}}
+    return {"ram": ram, "cuda": cuda}
+
+
+def a1111_error(e: SdStudioError) -> tuple[int, dict[str, Any]]:
+    """Status and A1111-shaped body for our errors (bad input: 422 saying what to fix)."""
+    if isinstance(e, NotFound):
+        return 404, listings.error_body(404, str(e), error="NotFound")
+    field = getattr(e, "field", None)
+    name = "ModelError" if isinstance(e, ModelError) else type(e).__name__
+    return 422, listings.error_body(422, str(e), field, name)

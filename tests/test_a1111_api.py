@@ -1,0 +1,116 @@
+"""Real A1111 clients work unchanged: the `webuiapi` package against a live server on the demo model."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import uvicorn
+import webuiapi
+from PIL import Image, ImageDraw
+
+from sdstudio import Settings
+from sdstudio.server.app import create_app
+from sdstudio.settings import PACKAGED_MODELS
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("a1111-home")
+    shutil.copytree(PACKAGED_MODELS / "demo", home / "models" / "demo-copy")  # a second model to switch to
+    settings = Settings.from_env(home=home, outputs_dir=home / "outputs", device=torch.device("cpu"),
+                                 dtype=torch.float32, default_model="demo",
+                                 models_dirs=(home / "models", PACKAGED_MODELS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, home / "server"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_txt2img(api):
+    result = api.txt2img(prompt="a red circle on a blue background", seed=4, width=64, height=64,
+                         batch_size=2, cfg_scale=7)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [4, 5] and result.info["sampler_name"] == "Euler a"
+    assert "Seed: 4" in result.info["infotexts"][0]
+    red = sum(1 for px in result.image.convert("RGB").getdata() if px[0] > 150 and px[2] < 100)
+    assert red > 100  # the demo model drew the red circle
+
+
+def test_img2img_and_inpainting(api):
+    init = Image.new("RGB", (64, 64), (40, 80, 220))
+    ImageDraw.Draw(init).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+    out = api.img2img(images=[init], prompt="a yellow circle on a blue background", denoising_strength=0.6,
+                      seed=1, width=64, height=64)
+    assert out.image.size == (64, 64) and out.info["denoising_strength"] == 0.6
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((12, 12, 52, 52), fill=255)
+    inpainted = api.img2img(images=[init], mask_image=mask, prompt="a large yellow square in the center on a blue "
+                            "background", denoising_strength=1.0, inpainting_fill=1, inpaint_full_res=False,
+                            seed=2, width=64, height=64)
+    assert "Masked content: original" in inpainted.info["infotexts"][0]
+    corner = inpainted.image.convert("RGB").getpixel((2, 2))
+    assert corner == init.getpixel((2, 2))  # outside the mask: the user's pixels
+
+
+def test_png_info_reads_our_images(api):
+    result = api.txt2img(prompt="a green diamond", seed=9, width=64, height=64, steps=4)
+    info = api.png_info(result.image)
+    assert "Seed: 9" in info.info and info.parameters["Seed"] == "9"
+
+
+def test_set_and_get_model(api):
+    titles = api.util_get_model_names()
+    assert "demo" in titles and "demo-copy" in titles
+    api.util_set_model("demo-copy")
+    assert api.util_get_current_model() == "demo-copy"
+    result = api.txt2img(prompt="a red circle", seed=1, width=64, height=64, steps=2)
+    assert result.info["sd_model_name"] == "demo-copy"
+    api.util_set_model("demo")
+    refused = api.set_options({"sd_model_checkpoint": "no-such-model"})  # webuiapi returns the error body
+    assert "no-such-model" in refused["detail"] and api.util_get_current_model() == "demo"
+
+
+def test_progress_polling_and_interrupt(api):
+    done = {}
+
+    def long_job():
+        try:
+            done["result"] = api.txt2img(prompt="a red circle", seed=3, width=64, height=64, steps=150)
+        except RuntimeError as e:  # webuiapi raises on our 422 "interrupted"
+            done["error"] = e.args
+
+    worker = threading.Thread(target=long_job)
+    worker.start()
+    deadline = time.monotonic() + 60
+    progress = api.get_progress()
+    while progress["progress"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        progress = api.get_progress()
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] > 0
+    assert progress["current_image"]  # a live preview, base64
+    api.interrupt()
+    worker.join(60)
+    assert done["error"][0] == 422 and "interrupted" in done["error"][1]
+    assert api.get_progress()["progress"] == 0
+
+
+def test_bad_input_is_a_422_naming_what_to_fix(api):
+    response = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "sampler_name": "Eulr"})
+    assert response.status_code == 422
+    body = response.json()
+    assert "Euler" in body["detail"] and set(body) >= {"error", "detail", "body", "errors"}

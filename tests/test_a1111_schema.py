@@ -1,0 +1,258 @@
+"""The A1111 /sdapi/v1 translation layer: bodies -> GenerationRequest, results -> A1111's response shape."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdstudio.errors import RequestError
+from sdstudio.models.catalog import ModelRef
+from sdstudio.server.a1111 import (
+    Img2ImgBody,
+    Txt2ImgBody,
+    a1111_response,
+    controlnet_module,
+    decode_image,
+    parse_body,
+    to_generation_request,
+)
+from sdstudio.server.a1111_options import A1111Options, error_body, samplers, schedulers, sd_models
+from tests.conftest import shapes_image
+
+
+def b64(image: Image.Image, data_url: bool = False) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    text = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:image/png;base64,{text}" if data_url else text
+
+
+def webuiapi_txt2img(**changes) -> dict:
+    """What webuiapi's WebUIApi.txt2img sends (its defaults), with changes."""
+    body = {
+        "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+        "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
+        "hr_prompt": "", "hr_negative_prompt": "", "denoising_strength": 0.7, "firstphase_width": 0,
+        "firstphase_height": 0, "prompt": "a red circle", "styles": [], "seed": -1, "subseed": -1,
+        "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1,
+        "steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "restore_faces": False, "tiling": False,
+        "do_not_save_samples": False, "do_not_save_grid": False, "negative_prompt": "", "eta": 1.0, "s_churn": 0,
+        "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "override_settings": {},
+        "override_settings_restore_afterwards": True, "sampler_name": "Euler a", "scheduler": "Automatic",
+        "sampler_index": "Euler a", "script_name": None, "script_args": [], "send_images": True,
+        "save_images": False, "alwayson_scripts": {},
+    }
+    return {**body, **changes}
+
+
+def test_webuiapi_txt2img_defaults_map():
+    req = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img()), A1111Options())
+    assert (req.prompt, req.steps, req.width, req.height, req.seed) == ("a red circle", 30, 512, 512, -1)
+    assert (req.sampler, req.schedule, req.enable_hr, req.controlnets) == ("Euler a", "Automatic", False, ())
+    assert (req.model, req.vae, req.clip_skip, req.seed_resize_from_w) == (None, None, 1, 0)
+
+
+def test_a1111_defaults_when_fields_are_missing():
+    body = Txt2ImgBody()
+    assert (body.steps, body.cfg_scale, body.width, body.seed, body.seed_resize_from_w) == (50, 7.0, 512, -1, -1)
+    req = to_generation_request(body)
+    assert (req.sampler, req.steps, req.seed_resize_from_h) == ("Euler", 50, 0)
+
+
+def test_legacy_sampler_name_maps_to_sampler_and_schedule():
+    req = to_generation_request(Txt2ImgBody(sampler_name="DPM++ 2M Karras"))
+    assert (req.sampler, req.schedule) == ("DPM++ 2M", "Karras")
+    req = to_generation_request(Txt2ImgBody(sampler_name="DPM++ 2M", scheduler="sgm_uniform"))
+    assert (req.sampler, req.schedule) == ("DPM++ 2M", "SGM Uniform")
+    with pytest.raises(RequestError, match=r"valid samplers: .*Euler a") as e:
+        to_generation_request(Txt2ImgBody(sampler_name="Restart"))
+    assert e.value.field == "sampler_name"
+
+
+def test_hires_fields_and_override_settings():
+    body = parse_body(Txt2ImgBody, webuiapi_txt2img(
+        enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=5,
+        hr_sampler_name="Use same sampler", hr_scheduler="Karras", hr_prompt="sharp", denoising_strength=0.55,
+        override_settings={"sd_model_checkpoint": "tiny.safetensors [0123456789]", "sd_vae": "None",
+                           "CLIP_stop_at_last_layers": 2, "samples_format": "png"}))
+    options = A1111Options(sd_model_checkpoint="other", sd_vae="my.vae.pt", clip_skip=1)
+    req = to_generation_request(body, options)
+    assert (req.enable_hr, req.hr_scale, req.hr_upscaler, req.hr_second_pass_steps) == (
+        True, 1.5, "Latent (bicubic)", 5)
+    assert (req.hr_sampler_name, req.hr_scheduler, req.hr_prompt, req.strength) == ("", "Karras", "sharp", 0.55)
+    assert (req.model, req.vae, req.clip_skip) == ("tiny.safetensors [0123456789]", "none", 2)
+    plain = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img()), options)
+    assert (plain.model, plain.vae, plain.clip_skip) == ("other", "my.vae.pt", 1)
+
+
+def test_controlnet_units():
+    hint = b64(shapes_image(32))
+    scripts = {"ControlNet": {"args": [
+        {"enabled": True, "image": hint, "mask": None, "module": "canny", "model": "control_canny [abcd1234]",
+         "weight": 0.8, "resize_mode": "Resize and Fill", "low_vram": False, "processor_res": 512,
+         "threshold_a": 50, "threshold_b": 150, "guidance_start": 0.1, "guidance_end": 0.9,
+         "control_mode": "ControlNet is more important", "pixel_perfect": False},
+        {"enabled": True, "input_image": "", "module": "inpaint_only", "model": "control_inpaint", "resize_mode": 1,
+         "control_mode": 0},
+        {"enabled": False, "module": "lineart_anime", "model": "x"},
+    ]}, "ADetailer": {"args": [False]}}
+    req = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img(alwayson_scripts=scripts)))
+    canny, inpaint = req.controlnets
+    assert (canny.model, canny.preprocessor, canny.weight, canny.start, canny.end) == (
+        "control_canny [abcd1234]", "canny", 0.8, 0.1, 0.9)
+    assert (canny.guess_mode, canny.resize_mode, canny.low_threshold, canny.high_threshold) == (
+        True, "fill", 50, 150)
+    assert canny.image.size == (32, 32)
+    assert (inpaint.preprocessor, inpaint.image, inpaint.resize_mode, inpaint.guess_mode) == (
+        "inpaint", None, "crop", False)
+    assert [controlnet_module(m) for m in ("none", "inpaint", "inpaint_global_harmonious", "scribble_hed",
+                                           "depth_midas", "tile_resample", "openpose_full")] == [
+        "none", "inpaint", "inpaint", "scribble", "depth", "tile", "openpose"]
+    with pytest.raises(RequestError, match="not supported"):
+        controlnet_module("inpaint_only+lama")
+    bad = {"ControlNet": {"args": [{"model": "c", "control_mode": "My prompt is more important"}]}}
+    with pytest.raises(RequestError, match="My prompt is more important"):
+        to_generation_request(Txt2ImgBody(alwayson_scripts=bad))
+
+
+def test_img2img_inpaint_body():
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = parse_body(Img2ImgBody, {
+        "init_images": [b64(shapes_image(64), data_url=True)], "mask": b64(mask.convert("RGB")), "mask_blur": 2,
+        "inpainting_fill": 1, "inpaint_full_res": True, "inpaint_full_res_padding": 16,
+        "inpainting_mask_invert": 1, "denoising_strength": 0.6, "width": 64, "height": 64, "prompt": "a disc",
+        "sampler_name": "Euler", "steps": 2, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1})
+    req = to_generation_request(body)
+    assert req.mode == "inpaint"
+    assert (req.masked_content, req.only_masked, req.only_masked_padding, req.invert_mask) == (
+        "original", True, 16, True)
+    assert (req.mask_blur, req.strength, req.init_image.size, req.mask.mode) == (2, 0.6, (64, 64), "L")
+    fills = [to_generation_request(body.model_copy(update={"inpainting_fill": i})).masked_content for i in range(4)]
+    assert fills == ["fill", "original", "latent noise", "latent nothing"]
+    whole = to_generation_request(body.model_copy(update={"inpaint_full_res": False, "inpainting_mask_invert": 0}))
+    assert (whole.only_masked, whole.invert_mask) == (False, False)
+
+
+def test_img2img_resize_mode_crops_init_image():
+    body = Img2ImgBody(init_images=[b64(Image.new("RGB", (64, 32)))], width=32, height=32, resize_mode=1)
+    req = to_generation_request(body)
+    assert (req.mode, req.init_image.size, req.mask) == ("img2img", (32, 32), None)
+    with pytest.raises(RequestError, match="exactly one") as e:
+        to_generation_request(Img2ImgBody())
+    assert e.value.field == "init_images"
+
+
+def test_unknown_fields_are_ignored():
+    body = parse_body(Txt2ImgBody, webuiapi_txt2img(foo=1, refiner_switch_at=0.8, comments={"x": 1}))
+    assert not hasattr(body, "foo")
+    assert "foo" not in body.model_dump()
+    to_generation_request(body)
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    ({"restore_faces": True}, "restore_faces", "restore_faces false"),
+    ({"tiling": True}, "tiling", "tiling false"),
+    ({"script_name": "x/y/z plot"}, "script_name", "script_name null"),
+    ({"alwayson_scripts": {"Regional Prompter": {"args": [True, "Matrix"]}}}, "alwayson_scripts", "only ControlNet"),
+    ({"hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name", "same checkpoint"),
+])
+def test_what_we_cannot_honour_is_a_clear_error(change, field, words):
+    with pytest.raises(RequestError, match=words) as e:
+        to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img(**change)))
+    assert e.value.field == field
+
+
+def test_type_errors_name_the_field():
+    with pytest.raises(RequestError, match="steps") as e:
+        parse_body(Txt2ImgBody, {"steps": "many"})
+    assert e.value.field == "steps"
+
+
+def test_bad_base64_and_non_images_are_clear_errors():
+    with pytest.raises(RequestError, match="not valid base64") as e:
+        to_generation_request(Img2ImgBody(init_images=["@@not base64@@"]))
+    assert e.value.field == "init_images[0]"
+    with pytest.raises(RequestError, match="not an image"):
+        decode_image(base64.b64encode(b"hello world").decode(), "mask")
+    assert decode_image(b64(shapes_image(16), data_url=True), "x").size == (16, 16)
+    unpadded = b64(shapes_image(16)).rstrip("=")
+    assert decode_image(unpadded, "x").size == (16, 16)
+
+
+def test_listings_and_error_body(tmp_path: Path):
+    names = {s["name"]: s for s in samplers()}
+    assert names["DPM++ 2M"]["options"] == {"scheduler": "karras"}
+    assert "k_euler_a" in names["Euler a"]["aliases"]
+    sched = {s["name"]: s for s in schedulers()}
+    assert sched["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                               "need_inner_model": False}
+    assert {"automatic", "sgm_uniform"} <= set(sched)
+    (tmp_path / "tiny.safetensors").write_bytes(b"x")
+    refs = [ModelRef("tiny", tmp_path / "tiny.safetensors")]
+    assert sd_models(refs, lambda ref: "ab" * 32) == [{
+        "title": "tiny.safetensors [ababababab]", "model_name": "tiny", "hash": "ababababab", "sha256": "ab" * 32,
+        "filename": str(tmp_path / "tiny.safetensors"), "config": None}]
+    assert sd_models(refs)[0]["title"] == "tiny.safetensors"
+    assert error_body(422, "steps must be >= 1", "steps") == {
+        "error": "RequestError", "detail": "steps must be >= 1", "body": "", "errors": "steps: steps must be >= 1"}
+    assert error_body(404, "Not Found")["error"] == "HTTPException"
+    opts = A1111Options().updated({"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2})
+    assert opts.to_dict() == {"sd_model_checkpoint": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2}
+    with pytest.raises(RequestError):
+        A1111Options().updated({"CLIP_stop_at_last_layers": 0})
+
+
+A1111_INFO_KEYS = {
+    "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+    "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",
+    "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash",
+    "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "extra_generation_params",
+    "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip", "is_using_inpainting_conditioning",
+    "version"}
+
+
+def test_response_shape_on_the_tiny_model(engine):
+    body = parse_body(Txt2ImgBody, webuiapi_txt2img(
+        prompt="a red circle", negative_prompt="blue", seed=7, steps=2, width=64, height=64, batch_size=2,
+        sampler_name="DPM++ 2M Karras", styles=["ignored"]))
+    result = engine.generate(to_generation_request(body))
+    out = a1111_response(body, result)
+    assert set(out) == {"images", "parameters", "info"}
+    info = json.loads(out["info"])
+    assert set(info) >= A1111_INFO_KEYS
+    assert (info["seed"], info["all_seeds"], info["width"], info["steps"]) == (7, [7, 8], 64, 2)
+    assert (info["sampler_name"], info["extra_generation_params"]["Schedule type"]) == ("DPM++ 2M", "Karras")
+    assert info["all_prompts"] == ["a red circle"] * 2 and info["styles"] == ["ignored"]
+    assert info["infotexts"] == [im.infotext for im in result.images]
+    assert info["sd_model_hash"] and len(info["job_timestamp"]) == 14
+    assert out["parameters"]["prompt"] == "a red circle" and out["parameters"]["sampler_name"] == "DPM++ 2M Karras"
+    assert len(out["images"]) == 2
+    for encoded, generated in zip(out["images"], result.images, strict=True):
+        png = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert png.format == "PNG" and png.size == (64, 64)
+        assert png.info["parameters"] == generated.infotext
+    quiet = a1111_response(body.model_copy(update={"send_images": False}), result)
+    assert quiet["images"] == []
+
+
+def test_img2img_response_echoes_without_pictures(engine):
+    body = Img2ImgBody(init_images=[b64(shapes_image(64))], width=64, height=64, steps=2, seed=3,
+                       denoising_strength=0.5)
+    result = engine.generate(to_generation_request(body))
+    out = a1111_response(body, result)
+    assert out["parameters"]["init_images"] is None
+    assert json.loads(out["info"])["denoising_strength"] == 0.5
+    kept = a1111_response(body.model_copy(update={"include_init_images": True}), result)
+    assert kept["parameters"]["init_images"] == body.init_images
+
+
+def test_controlnet_number_fields_are_checked():
+    bad = {"ControlNet": {"args": [{"model": "c", "weight": "heavy"}]}}
+    with pytest.raises(RequestError, match="weight must be a number"):
+        to_generation_request(Txt2ImgBody(alwayson_scripts=bad))
