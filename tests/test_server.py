@@ -90,3 +90,38 @@ def test_auth_covers_every_route(tmp_path, tiny_model):
             assert c.get(path).status_code == 401
         assert c.get("/api/v1/jobs", auth=("ann", "secret")).status_code == 200
         assert c.get("/api/v1/jobs", auth=("ann", "wrong")).status_code == 401
+
+
+def test_a_failing_job_fails_with_its_reason_and_the_server_goes_on(client, monkeypatch):
+    import torch
+
+    engine = client.app.state.sdstudio.engine
+    real = engine.generate
+    calls = []
+
+    def out_of_memory_once(request, progress=None, cancel=None):
+        calls.append(request.prompt)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(request, progress, cancel)
+
+    monkeypatch.setattr(engine, "generate", out_of_memory_once)
+    failed = wait(client, client.post("/api/v1/jobs", json={"request": {"prompt": "huge", "steps": 2}}).json()["id"])
+    assert failed["status"] == "failed" and "out of memory" in failed["error"]
+    after = wait(client, client.post("/api/v1/jobs", json={"request": {"prompt": "small", "steps": 2}}).json()["id"])
+    assert after["status"] == "done"
+
+
+def test_limits_are_checked_before_any_work_and_paths_never_leak(client):
+    for request, field in [({"prompt": "x" * 20_001}, "prompt"), ({"prompt": "x", "batch_size": 8, "n_iter": 9},
+                           "n_iter"), ({"prompt": "x", "width": 4096, "height": 4096}, "width"),
+                           ({"prompt": "x", "steps": 151}, "steps")]:
+        response = client.post("/api/v1/jobs", json={"request": request})
+        assert response.status_code == 422 and response.json()["field"] == field, response.json()
+    big = client.post("/api/v1/jobs", content=b"{" + b" " * (65 << 20) + b"}",
+                      headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    home = str(client.app.state.sdstudio.settings.home)
+    unknown = client.post("/api/v1/jobs", json={"request": {"prompt": "x <lora:nothere:1>"}})
+    assert unknown.status_code == 422 and home not in unknown.text
+    assert client.get("/api/v1/jobs", params={"offset": -1}).status_code == 422

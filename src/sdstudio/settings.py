@@ -43,6 +43,10 @@ class Limits:
     max_steps: int = 150
     min_side: int = 64
     max_side: int = 4096
+    max_pixels: int = 2048 * 2048     # width * height of one image
+    max_images: int = 64              # batch_size * n_iter of one job
+    max_prompt_chars: int = 20_000    # prompt and negative prompt, each
+    max_upload_bytes: int = 64 << 20  # one HTTP request body
 
 
 @dataclass(frozen=True)

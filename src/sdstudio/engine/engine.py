@@ -59,17 +59,22 @@ class Engine:
     def load(self, name: str | None = None) -> LoadedModel:
         return self.models.get(self.model_ref(name))
 
+    def check(self, request: GenerationRequest) -> tuple[ModelRef, Path | None, list[Path]]:
+        """Everything that needs no model loaded: fields, LoRA, ControlNet, model and VAE names. Doors call it
+        to refuse bad input before queueing; generate calls it first. Returns what it found."""
+        check_fields(request, self.settings.limits)
+        self.addons.find_loras(request.prompt)
+        control_paths = [find_controlnet(unit.model, self.folders.controlnet) for unit in request.controlnets]
+        ref = self.model_ref(request.model)
+        return ref, find_vae(request.vae, ref, self.folders.vae), control_paths
+
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         """Run a txt2img/img2img request; raises RequestError/ModelError for bad input, Cancelled."""
         if (kandinsky := find_kandinsky(self.model_ref, request.model)) is not None:
             return self.kandinsky.generate(kandinsky, request, progress, cancel)
         start = time.perf_counter()
-        check_fields(request, self.settings.limits)  # fail fast, before loading a model
-        self.addons.find_loras(request.prompt)
-        control_paths = [find_controlnet(unit.model, self.folders.controlnet) for unit in request.controlnets]
-        ref = self.model_ref(request.model)
-        vae_path = find_vae(request.vae, ref, self.folders.vae)
+        ref, vae_path, control_paths = self.check(request)
         model = self.models.get(ref)
         request, warnings = inpaint_checks(request, model)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)

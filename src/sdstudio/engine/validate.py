@@ -46,6 +46,20 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     check_variation(req, limits)
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > limits.max_prompt_chars:
+            raise RequestError(f"{name} is {len(getattr(req, name))} characters; the limit is "
+                               f"{limits.max_prompt_chars}", name)
+    if req.total_images > limits.max_images:
+        raise RequestError(f"batch_size x n_iter is {req.total_images}; the limit is {limits.max_images} images "
+                           "per job", "n_iter")
+    for name in ("width", "height"):
+        value = getattr(req, name)
+        if value is not None:
+            _check_int(value, name, limits.min_side, limits.max_side)
+    if req.width and req.height and req.width * req.height > limits.max_pixels:
+        raise RequestError(f"{req.width}x{req.height} is {req.width * req.height} pixels; the limit is "
+                           f"{limits.max_pixels}", "width")
     if req.prompt_syntax not in PROMPT_SYNTAXES:
         raise RequestError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {req.prompt_syntax!r}",
                            "prompt_syntax")

@@ -9,14 +9,18 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from sdstudio.engine.infotext import parse_infotext
-from sdstudio.engine.upscale import latent_upscale_modes
+from sdstudio.engine.kandinsky import find_kandinsky
+from sdstudio.engine.upscale import UpscaleRequest, latent_upscale_modes
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
 from sdstudio.models import catalog
+from sdstudio.models.lora import LORA_SUFFIXES
+from sdstudio.models.vae import VAE_SUFFIXES
 from sdstudio.server import a1111_options as listings
 from sdstudio.server.a1111 import (
     Img2ImgBody,
@@ -42,6 +46,8 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     def generate(body: Txt2ImgBody | Img2ImgBody) -> dict[str, Any]:
         check_supported(body)
         request = to_generation_request(body, options["current"])
+        if find_kandinsky(state.engine.model_ref, request.model) is None:
+            state.engine.check(request)  # bad input is a 422 before anything is queued
         job = store.submit(f"{A1111_KIND}-{request.mode}", encode_request(request))
         worker.wake()
         while (current := store.get(job.id)) is not None and current.status in ("queued", "running"):
@@ -140,6 +146,37 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         parsed = parse_infotext(text).params if text else {}
         return {"info": text, "items": items, "parameters": parsed}
 
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        files = [p for d in state.engine.folders.vae if d.is_dir() for p in sorted(d.iterdir())
+                 if p.suffix in VAE_SUFFIXES]
+        return [{"model_name": p.name, "filename": p.name} for p in files]
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        files = [p for d in state.engine.addons.lora_dirs if d.is_dir() for p in sorted(d.rglob("*"))
+                 if p.suffix in LORA_SUFFIXES]
+        return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}} for p in files]
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        files = state.engine.addons.embedding_files()
+        return {"loaded": {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                    "shape": None, "vectors": None} for p in files.values()}, "skipped": {}}
+
+    @app.post("/sdapi/v1/extra-single-image")
+    def extra_single_image(data: dict[str, Any]) -> dict[str, Any]:
+        image = decode_image(data.get("image"), "image")
+        scale = data.get("upscaling_resize", 2)
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise RequestError(f"upscaling_resize must be a number, got {scale!r}", "upscaling_resize")
+        request = UpscaleRequest(image=image, scale=float(scale), upscaler=str(data.get("upscaler_1") or "Lanczos"))
+        with worker.device_lock:  # the x4 model uses the device the worker owns
+            result = state.engine.upscale(request)
+        buffer = io.BytesIO()
+        result.image.save(buffer, format="PNG")
+        return {"html_info": result.infotext, "image": base64.b64encode(buffer.getvalue()).decode("ascii")}
+
     @app.get("/sdapi/v1/memory")
     def memory() -> dict[str, Any]:
         return memory_report()
@@ -160,10 +197,11 @@ def memory_report() -> dict[str, Any]:
     return {"ram": ram, "cuda": cuda}
 
 
-def a1111_error(e: SdStudioError) -> tuple[int, dict[str, Any]]:
-    """Status and A1111-shaped body for our errors (bad input: 422 saying what to fix)."""
+def a1111_error(e: SdStudioError, scrub: Callable[[str], str]) -> tuple[int, dict[str, Any]]:
+    """Status and A1111-shaped body for our errors (bad input: 422 saying what to fix); `scrub` hides local
+    folders."""
     if isinstance(e, NotFound):
-        return 404, listings.error_body(404, str(e), error="NotFound")
+        return 404, listings.error_body(404, scrub(str(e)), error="NotFound")
     field = getattr(e, "field", None)
     name = "ModelError" if isinstance(e, ModelError) else type(e).__name__
-    return 422, listings.error_body(422, str(e), field, name)
+    return 422, listings.error_body(422, scrub(str(e)), field, name)

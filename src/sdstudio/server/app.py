@@ -24,13 +24,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sdstudio.engine.engine import Engine
-from sdstudio.engine.validate import check_fields
+from sdstudio.engine.kandinsky import find_kandinsky
 from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
 from sdstudio.server.payload import decode_request
 from sdstudio.server.worker import Worker
-from sdstudio.settings import Settings
-from sdstudio.storage.jobs import JobRecord, JobStore
+from sdstudio.settings import PACKAGED_MODELS, Settings
+from sdstudio.storage.jobs import STATUSES, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ class ServerState:
     store: JobStore
     worker: Worker
     images_dir: Path
+    roots: dict[str, str]  # local folders -> what clients see instead
+
+    def scrub(self, message: str | None) -> str | None:
+        if message is None:
+            return None
+        for root, label in self.roots.items():
+            message = message.replace(root, label)
+        return message
 
 
 class JobBody(BaseModel):
@@ -54,7 +62,7 @@ class JobBody(BaseModel):
 
 def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
     view: dict[str, Any] = {"id": job.id, "status": job.status, "created": job.created, "started": job.started,
-                            "finished": job.finished, "error": job.error}
+                            "finished": job.finished, "error": state.scrub(job.error)}
     if job.status == "queued":
         view["position"] = state.store.queue_position(job.id)
     if job.status == "running" and state.worker.progress.job_id == job.id:
@@ -76,7 +84,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     engine = Engine(settings)
     images_dir = data_dir / "images"
     worker = Worker(engine, store, images_dir)
-    state = ServerState(settings, engine, store, worker, images_dir)
+    state = ServerState(settings, engine, store, worker, images_dir, private_roots(settings, data_dir))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -88,7 +96,8 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     app = FastAPI(title="sdstudio", version="1", lifespan=lifespan,
                   description="Native job API (/api/v1) and AUTOMATIC1111-compatible API (/sdapi/v1).")
     app.state.sdstudio = state
-    add_error_handlers(app)
+    add_error_handlers(app, state.roots)
+    add_upload_limit(app, settings.limits.max_upload_bytes)
     add_a1111_routes(app, state)
     if auth:
         add_basic_auth(app, auth)
@@ -96,7 +105,8 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         request = decode_request(body.request)
-        check_fields(request, settings.limits)  # everything that needs no model: 422 before queueing
+        if find_kandinsky(engine.model_ref, request.model) is None:
+            engine.check(request)  # everything that needs no model loaded: 422 before queueing
         job = store.submit(request.mode, body.request, body.idempotency_key or idempotency_key)
         worker.wake()
         return job_view(job, state)
@@ -118,6 +128,8 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     def history(offset: int = 0, limit: int = 20, q: str | None = None, status: str | None = None) -> dict[str, Any]:
         if offset < 0 or not 1 <= limit <= 100:
             raise RequestError("offset must be >= 0 and limit between 1 and 100", "limit")
+        if status is not None and status not in STATUSES:
+            raise RequestError(f"status must be one of {', '.join(STATUSES)}, got {status!r}", "status")
         jobs, total = store.history(offset, limit, q, status)
         return {"total": total, "offset": offset, "jobs": [job_view(j, state) for j in jobs]}
 
@@ -155,26 +167,54 @@ async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:
         await asyncio.sleep(0.25)
 
 
-def add_error_handlers(app: FastAPI) -> None:
+def private_roots(settings: Settings, data_dir: Path) -> dict[str, str]:
+    """Local folders that error messages name, and what clients see instead."""
+    roots = {str(data_dir): "<data>", str(settings.home): "<home>", str(PACKAGED_MODELS): "<bundled>",
+             str(Path.home()): "~"}
+    for name, folder in (("a1111", settings.a1111_dir), ("comfyui", settings.comfyui_dir),
+                         ("hf-cache", settings.hf_cache)):
+        if folder:
+            roots[str(folder)] = f"<{name}>"
+    for folder in settings.models_dirs:
+        roots.setdefault(str(folder), "<models>")
+    return dict(sorted(roots.items(), key=lambda kv: -len(kv[0])))  # longest first: nested folders
+
+
+def add_upload_limit(app: FastAPI, limit: int) -> None:
+    @app.middleware("http")
+    async def upload_limit(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return JSONResponse({"error": "too large", "detail": f"the request body is {int(length)} bytes; the "
+                                 f"limit is {limit}"}, status_code=413)
+        return await call_next(request)
+
+
+def add_error_handlers(app: FastAPI, roots: dict[str, str]) -> None:
     """Bad input is a 4xx with a JSON body saying what to fix; nothing leaks a stack trace or a path."""
+
+    def scrub(message: str) -> str:
+        for root, label in roots.items():
+            message = message.replace(root, label)
+        return message
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
         if request.url.path.startswith("/sdapi/"):
-            status, body = a1111_error(e)
+            status, body = a1111_error(e, scrub)
             return JSONResponse(body, status_code=status)
-        return JSONResponse({"error": "bad request", "detail": str(e), "field": e.field}, status_code=422)
+        return JSONResponse({"error": "bad request", "detail": scrub(str(e)), "field": e.field}, status_code=422)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, e: NotFound) -> JSONResponse:
-        return JSONResponse({"error": "not found", "detail": str(e)}, status_code=404)
+        return JSONResponse({"error": "not found", "detail": scrub(str(e))}, status_code=404)
 
     @app.exception_handler(SdStudioError)
     async def sdstudio_error(request: Request, e: SdStudioError) -> JSONResponse:
         if request.url.path.startswith("/sdapi/"):
-            status, body = a1111_error(e)
+            status, body = a1111_error(e, scrub)
             return JSONResponse(body, status_code=status)
-        return JSONResponse({"error": type(e).__name__, "detail": str(e)}, status_code=422)
+        return JSONResponse({"error": type(e).__name__, "detail": scrub(str(e))}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -182,7 +222,7 @@ def add_error_handlers(app: FastAPI) -> None:
                     for err in e.errors()]
         first = problems[0] if problems else {"field": "body", "message": "invalid request"}
         if request.url.path.startswith("/sdapi/"):
-            status, body = a1111_error(RequestError(f"{first['field']}: {first['message']}", first["field"]))
+            status, body = a1111_error(RequestError(f"{first['field']}: {first['message']}", first["field"]), scrub)
             return JSONResponse(body, status_code=status)
         return JSONResponse({"error": "bad request", "detail": f"{first['field']}: {first['message']}",
                              "errors": problems}, status_code=422)

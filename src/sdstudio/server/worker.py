@@ -67,6 +67,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._results: dict[str, Any] = {}  # GenerationResults of A1111-route jobs, until their route takes them
         self._results_lock = threading.Lock()
+        self.device_lock = threading.Lock()  # held while a job runs; other device work (upscales) waits for it
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
@@ -106,6 +107,10 @@ class Worker:
             self.run_job(job)
 
     def run_job(self, job: JobRecord) -> None:
+        with self.device_lock:
+            self._run_job(job)
+
+    def _run_job(self, job: JobRecord) -> None:
         token = self.cancel_token = CancelToken()
         with self.progress.lock:
             self.progress.job_id, self.progress.fraction, self.progress.started = job.id, 0.0, time.monotonic()
