@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from sdstudio.engine.requests import GenerationRequest
 from sdstudio.server.app import create_app
 from tests.conftest import make_settings
 
@@ -34,9 +36,15 @@ def api_schema(tmp_path_factory, tiny_model):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
+@pytest.fixture(scope="module")
+def app(api_schema):
+    return api_schema.app
+
+
 def run_operation(operation, mode: GenerationMode) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
     def check(case) -> None:
         case.call_and_validate(checks=[not_a_server_error])
 
@@ -57,3 +65,19 @@ def test_no_route_answers_5xx_to_generated_input(api_schema):
             except Exception as e:  # collect every failing route, then report them together
                 failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {e}")
     assert not failures, "\n\n".join(failures)
+
+
+WRONG_TYPES = ("abc", "", 1.5, -1, 0, 10**30, True, None, [], [1], {"a": 1})
+
+
+def test_every_request_field_of_the_wrong_type_is_a_4xx(app):
+    """The spec types POST /api/v1/jobs's `request` as a free-form object, so schemathesis cannot reach
+    its fields: send each GenerationRequest field every JSON type instead."""
+    failures = []
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for name in GenerationRequest.field_names():
+            for value in WRONG_TYPES:
+                response = client.post("/api/v1/jobs", json={"request": {"steps": 1, name: value}})
+                if response.status_code >= 500:
+                    failures.append(f"{name}={value!r}: {response.status_code} {response.text[:80]}")
+    assert not failures, f"{len(failures)} request(s) answered 5xx:\n" + "\n".join(failures)

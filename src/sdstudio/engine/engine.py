@@ -18,7 +18,7 @@ from sdstudio.engine.kandinsky import KandinskyRunner, find_kandinsky
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.stages import set_vae_tiling
 from sdstudio.engine.upscale import UpscaleRequest, UpscaleResult
-from sdstudio.engine.validate import ModelGeometry, check_fields, resolve_request
+from sdstudio.engine.validate import ModelGeometry, check_fields, check_types, resolve_request
 from sdstudio.engine.x4 import Upscalers
 from sdstudio.errors import ModelError, RequestError
 from sdstudio.models import catalog
@@ -71,6 +71,7 @@ class Engine:
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         """Run a txt2img/img2img request; raises RequestError/ModelError for bad input, Cancelled."""
+        check_types(request)
         if (kandinsky := find_kandinsky(self.model_ref, request.model)) is not None:
             return self.kandinsky.generate(kandinsky, request, progress, cancel)
         start = time.perf_counter()

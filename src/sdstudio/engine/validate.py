@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -32,8 +33,27 @@ class ModelGeometry:
     latent_channels: int = 4
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
+    "float": (int, float), "float | None": (int, float, type(None)), "bool": (bool,),
+}
+
+
+def check_types(req: GenerationRequest) -> None:
+    """Every plain field holds its declared type (JSON doors can send anything): a clear error otherwise."""
+    for f in dataclasses.fields(req):
+        allowed = _TYPES.get(str(f.type))
+        value = getattr(req, f.name)
+        if allowed is None:
+            continue
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            kind = str(f.type).replace("str", "text").replace("float", "number").replace("int", "whole number")
+            raise RequestError(f"{f.name} must be {kind.replace(' | None', ' or null')}, got {value!r:.60}", f.name)
+
+
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
-    """Checks that need no model: ranges, counts and sampler names."""
+    """Checks that need no model: types, ranges, counts and sampler names."""
+    check_types(req)
     _check_int(req.steps, "steps", 1, limits.max_steps)
     _check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
     _check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)

@@ -126,7 +126,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
 
     @app.get("/api/v1/jobs")
     def history(offset: int = 0, limit: int = 20, q: str | None = None, status: str | None = None) -> dict[str, Any]:
-        if offset < 0 or not 1 <= limit <= 100:
+        if not 0 <= offset <= 2**62 or not 1 <= limit <= 100:
             raise RequestError("offset must be >= 0 and limit between 1 and 100", "limit")
         if status is not None and status not in STATUSES:
             raise RequestError(f"status must be one of {', '.join(STATUSES)}, got {status!r}", "status")

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
+from sdstudio.engine.validate import check_types
 from sdstudio.errors import RequestError
 from sdstudio.server.a1111 import decode_image as image_from_b64
 
@@ -42,6 +43,8 @@ def encode_request(req: GenerationRequest) -> dict[str, Any]:
 
 def decode_request(payload: dict[str, Any]) -> GenerationRequest:
     """The inverse of encode_request."""
+    if not isinstance(payload, dict):
+        raise RequestError("the request must be an object of GenerationRequest fields", "request")
     fields = {k: v for k, v in payload.items() if k in GenerationRequest.field_names() and k != "controlnets"}
     for name in ("original_size", "crop_left_top"):  # JSON has no tuples
         if isinstance(fields.get(name), list):
@@ -50,7 +53,13 @@ def decode_request(payload: dict[str, Any]) -> GenerationRequest:
         if payload.get(name):
             fields[name] = image_from_b64(payload[name], name)
     units = []
-    for unit in payload.get("controlnets") or ():
+    given = payload.get("controlnets") or []
+    if not isinstance(given, list) or not all(isinstance(u, dict) for u in given):
+        raise RequestError("controlnets must be a list of unit objects ({\"model\": ..., \"image\": ...})",
+                           "controlnets")
+    for unit in given:
         image = image_from_b64(unit["image"], "controlnets.image") if unit.get("image") else None
         units.append(ControlUnit(**{**ControlUnit.from_dict(unit).__dict__, "image": image}))
-    return GenerationRequest(**fields, controlnets=tuple(units))
+    request = GenerationRequest(**fields, controlnets=tuple(units))
+    check_types(request)
+    return request
