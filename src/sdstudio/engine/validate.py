@@ -33,22 +33,24 @@ class ModelGeometry:
     latent_channels: int = 4
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
-    "float": (int, float), "float | None": (int, float, type(None)), "bool": (bool,),
+_NONE = type(None)
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepted, how messages say it)
+    "str": ((str,), "text"), "str | None": ((str, _NONE), "text or null"),
+    "int": ((int,), "a whole number"), "int | None": ((int, _NONE), "a whole number or null"),
+    "float": ((int, float), "a number"), "float | None": ((int, float, _NONE), "a number or null"),
+    "bool": ((bool,), "true or false"),
 }
 
 
 def check_types(req: GenerationRequest) -> None:
     """Every plain field holds its declared type (JSON doors can send anything): a clear error otherwise."""
     for f in dataclasses.fields(req):
-        allowed = _TYPES.get(str(f.type))
-        value = getattr(req, f.name)
-        if allowed is None:
+        if str(f.type) not in _TYPES:
             continue
+        allowed, kind = _TYPES[str(f.type)]
+        value = getattr(req, f.name)
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            kind = str(f.type).replace("str", "text").replace("float", "number").replace("int", "whole number")
-            raise RequestError(f"{f.name} must be {kind.replace(' | None', ' or null')}, got {value!r:.60}", f.name)
+            raise RequestError(f"{f.name} must be {kind}, got {value!r:.60}", f.name)
 
 
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
