@@ -114,3 +114,40 @@ def test_bad_input_is_a_422_naming_what_to_fix(api):
     assert response.status_code == 422
     body = response.json()
     assert "Euler" in body["detail"] and set(body) >= {"error", "detail", "body", "errors"}
+
+
+def test_controlnet_through_alwayson_scripts(api):
+    from sdstudio.engine.preprocess import canny
+    from sdstudio.train.analyse import analyse
+    from sdstudio.train.shapes import ShapeSpec, draw
+
+    edges = canny(draw(ShapeSpec("circle", "white", "black", "large", (0, 0)), 64))
+    unit = webuiapi.ControlNetUnit(image=edges, module="none", model="demo-canny", resize_mode="Just Resize")
+    result = api.txt2img(prompt="a red circle on a blue background", seed=1, width=64, height=64, steps=20,
+                         sampler_name="DPM++ 2M", controlnet_units=[unit])
+    assert analyse(result.image).position == (0, 0)
+    assert "Model: demo-canny [" in result.info["infotexts"][0]
+
+
+def test_listings_and_extras(api):
+    assert {"Euler a", "DPM++ 2M"} <= {s["name"] for s in api.get_samplers()}
+    assert "Karras" in {s["label"] for s in api.get_schedulers()}
+    assert "Lanczos" in {u["name"] for u in api.get_upscalers()}
+    assert "Latent (bicubic)" in {m["name"] for m in api.get_latent_upscale_modes()}
+    assert api.get_sd_vae() == [] and api.get_loras() == []
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 1
+    bigger = api.extra_single_image(Image.new("RGB", (32, 32), "red"), upscaling_resize=2)
+    assert bigger.image.size == (64, 64)
+
+
+def test_native_progress_stream(api):
+    import httpx
+
+    base = api.baseurl.removesuffix("/sdapi/v1")
+    job = httpx.post(f"{base}/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 10}}).json()
+    kinds = []
+    with httpx.stream("GET", f"{base}/api/v1/jobs/{job['id']}/events", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+    assert kinds[-1] == "done" and set(kinds[:-1]) <= {"progress"}
