@@ -144,10 +144,13 @@ def test_native_progress_stream(api):
     import httpx
 
     base = api.baseurl.removesuffix("/sdapi/v1")
-    job = httpx.post(f"{base}/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 10}}).json()
-    kinds = []
-    with httpx.stream("GET", f"{base}/api/v1/jobs/{job['id']}/events", timeout=60) as stream:
+    job = httpx.post(f"{base}/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 150}}).json()
+    kinds, previews = [], 0
+    with httpx.stream("GET", f"{base}/api/v1/jobs/{job['id']}/events", timeout=120) as stream:
         for line in stream.iter_lines():
             if line.startswith("event: "):
                 kinds.append(line[7:])
+            elif line.startswith("data: ") and '"preview"' in line:
+                previews += 1
     assert kinds[-1] == "done" and set(kinds[:-1]) <= {"progress"}
+    assert previews > 0  # 150 steps take long enough for the 4-per-second stream to see the running job

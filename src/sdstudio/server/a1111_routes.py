@@ -112,13 +112,9 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         p = worker.progress
         with p.lock:
-            running, fraction, preview = p.job_id, p.fraction, p.preview
+            running, fraction = p.job_id, p.fraction
             step, steps, iteration, n_iter = p.step, p.steps, p.iteration, p.n_iter
-        image = None
-        if preview is not None and not skip_current_image:
-            buffer = io.BytesIO()
-            preview().save(buffer, format="PNG")
-            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        image = None if skip_current_image else worker.preview_png(running)
         queued = store.history(0, 1, status="queued")[1]
         return {"progress": fraction if running else 0.0, "eta_relative": p.eta() if running else 0.0,
                 "state": {"skipped": False, "interrupted": False, "job": running or "", "job_count": queued +

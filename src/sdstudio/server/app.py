@@ -157,13 +157,18 @@ def _job(store: JobStore, job_id: str) -> JobRecord:
 
 
 async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:
-    """Server-sent events: `progress` while the job waits or runs, then one `done` with its final view."""
+    """Server-sent events: `progress` while the job waits or runs (with a base64 PNG `preview` of the first
+    image's current latents while it runs), then one `done` with its final view."""
     while True:
         job = state.store.get(job_id)
         if job is None or job.status in ("done", "failed", "cancelled"):
             yield f"event: done\ndata: {json.dumps(job_view(job, state) if job else {})}\n\n"
             return
-        yield f"event: progress\ndata: {json.dumps(job_view(job, state))}\n\n"
+        view = job_view(job, state)
+        preview = state.worker.preview_png(job_id)
+        if preview:
+            view["preview"] = preview
+        yield f"event: progress\ndata: {json.dumps(view)}\n\n"
         await asyncio.sleep(0.25)
 
 

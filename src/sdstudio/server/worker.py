@@ -7,7 +7,9 @@ memory, a bug) is marked failed with its reason, memory is released, and the wor
 
 from __future__ import annotations
 
+import base64
 import gc
+import io
 import logging
 import threading
 import time
@@ -91,6 +93,16 @@ class Worker:
             return False
         token.cancel()
         return True
+
+    def preview_png(self, job_id: str | None = None) -> str | None:
+        """The running job's live preview as base64 PNG (only `job_id`'s when given); None if there is none."""
+        with self.progress.lock:
+            running, preview = self.progress.job_id, self.progress.preview
+        if preview is None or (job_id is not None and job_id != running):
+            return None
+        buffer = io.BytesIO()
+        preview().save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
 
     def take_result(self, job_id: str) -> Any:
         """The GenerationResult of a finished A1111-route job, once (None if there is none)."""
