@@ -40,14 +40,38 @@ def chain(hooks: Sequence[StepHook | None]) -> StepHook:
     return run
 
 
+class StopEarly(Exception):
+    """Raised between steps to finish the current image now from the model's estimate of x0 (B, C, h, w)."""
+
+    def __init__(self, latents: Tensor):
+        super().__init__("stopped early")
+        self.latents = latents
+
+
 class CancelToken:
-    """Thread-safe flag a caller sets to stop a job; the engine checks it between steps."""
+    """Thread-safe flags a caller sets to stop a job; the engine checks them between steps.
+
+    cancel: stop, no result. interrupt (A1111's Interrupt): the current image is finished from the model's
+    current estimate of x0 and no further batch is made. skip (A1111's Skip): the same for the current
+    batch only; the job goes on."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._interrupt = threading.Event()
+        self._skip = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def skip(self) -> None:
+        self._skip.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
 
     @property
     def cancelled(self) -> bool:
@@ -59,6 +83,9 @@ class CancelToken:
 
     def hook(self, state: StepState) -> None:
         self.raise_if_cancelled()
+        if self._interrupt.is_set() or self._skip.is_set():
+            self._skip.clear()
+            raise StopEarly(state.predict_x0())
 
 
 @dataclass(frozen=True)

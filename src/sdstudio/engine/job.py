@@ -20,7 +20,15 @@ from sdstudio.engine.canvas import Canvas, InpaintSource, inpaint_source
 from sdstudio.engine.capture import FrameCapture
 from sdstudio.engine.control import ControlInput, LoadedControl, control_image, fit, infotext_params, to_tensor
 from sdstudio.engine.handoff import batch_rows, handoff_start, schedule_timesteps
-from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, chain
+from sdstudio.engine.hooks import (
+    CancelToken,
+    ProgressCallback,
+    ProgressEvent,
+    StepHook,
+    StepState,
+    StopEarly,
+    chain,
+)
 from sdstudio.engine.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.loop import Plan, denoise
 from sdstudio.engine.preview import LatentRGB, fit_latent_rgb
@@ -82,6 +90,8 @@ class Job:
         for iteration in range(req.n_iter):
             if self.cancel:
                 self.cancel.raise_if_cancelled()
+                if self.cancel.interrupted and images:  # interrupted: keep what was made, make no more
+                    break
             first = iteration * req.batch_size
             seeds = [image_seed(req, first + k) for k in range(req.batch_size)]
             out = (run_batch or self.run_batch)(iteration, seeds, batch_rows(init, first, len(seeds)), inpaint)
@@ -224,7 +234,10 @@ class Job:
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),
                       capture])
-        latents = denoise(model.unet, scheduler, plan, hook)
+        try:
+            latents = denoise(model.unet, scheduler, plan, hook)
+        except StopEarly as stop:  # interrupt/skip: this batch ends as the model's current estimate
+            latents = stop.latents
         captures = capture.render(self.vae, f) if capture else []
         return BatchOutput(latents, captures, json.loads(scheduler.to_json_string()))
 

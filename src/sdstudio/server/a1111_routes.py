@@ -124,14 +124,13 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt() -> None:
-        running = worker.progress.job_id
-        if running:
-            store.cancel(running)
-            worker.interrupt(running)
+        """As A1111: the running job's current image is finished from the model's current estimate and
+        returned; no further batch is made. Queued jobs are not touched."""
+        worker.interrupt(how="interrupt")
 
     @app.post("/sdapi/v1/skip")
     def skip() -> None:
-        interrupt()  # one image per batch job here: skipping it ends the job, as A1111 does for batch 1
+        worker.interrupt(how="skip")
 
     @app.post("/sdapi/v1/png-info")
     def read_png_info(data: dict[str, Any]) -> dict[str, Any]:

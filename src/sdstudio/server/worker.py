@@ -86,12 +86,14 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    def interrupt(self, job_id: str | None = None) -> bool:
-        """Cancel the running job (only `job_id` when given); True when one was running."""
+    def interrupt(self, job_id: str | None = None, how: str = "cancel") -> bool:
+        """Stop the running job (only `job_id` when given); True when one was running. how: "cancel" (no
+        result), "interrupt" (A1111: finish the current image early, make no more) or "skip" (A1111: finish
+        the current batch early, go on)."""
         token, running = self.cancel_token, self.progress.job_id
         if token is None or running is None or (job_id is not None and job_id != running):
             return False
-        token.cancel()
+        {"cancel": token.cancel, "interrupt": token.interrupt, "skip": token.skip}[how]()
         return True
 
     def preview_png(self, job_id: str | None = None) -> str | None:
