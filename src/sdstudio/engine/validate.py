@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -14,13 +15,11 @@ from sdstudio.engine.hires import check_hires, resolve_hires
 from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
 from sdstudio.engine.preprocess import ALL_PREPROCESSORS
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
-from sdstudio.engine.variation import check_variation, resolve_variation
+from sdstudio.engine.variation import MAX_SEED, check_variation, resolve_variation
 from sdstudio.errors import RequestError
 from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
 from sdstudio.samplers import SamplerChoice, resolve_sampler, zero_snr_samplers
 from sdstudio.settings import Limits
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,15 @@ def check_types(req: GenerationRequest) -> None:
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     """Checks that need no model: types, ranges, counts and sampler names."""
     check_types(req)
-    _check_int(req.steps, "steps", 1, limits.max_steps)
-    _check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
-    _check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)
-    _check_int(req.capture_every, "capture_every", 0, limits.max_steps)
+    check_int(req.steps, "steps", 1, limits.max_steps)
+    check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
+    check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)
+    check_int(req.capture_every, "capture_every", 0, limits.max_steps)
     if not isinstance(req.cfg_scale, int | float) or not req.cfg_scale >= 0:
         raise RequestError(f"cfg_scale must be a number >= 0, got {req.cfg_scale!r}", "cfg_scale")
     if not isinstance(req.strength, int | float) or not 0.0 <= req.strength <= 1.0:
         raise RequestError(f"strength must be between 0 and 1, got {req.strength!r}", "strength")
-    _check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
+    check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
     check_variation(req, limits)
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
@@ -78,25 +77,19 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     for name in ("width", "height"):
         value = getattr(req, name)
         if value is not None:
-            _check_int(value, name, limits.min_side, limits.max_side)
+            check_int(value, name, limits.min_side, limits.max_side)
     if req.width and req.height and req.width * req.height > limits.max_pixels:
         raise RequestError(f"{req.width}x{req.height} is {req.width * req.height} pixels; the limit is "
                            f"{limits.max_pixels}", "width")
-    if req.prompt_syntax not in PROMPT_SYNTAXES:
-        raise RequestError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {req.prompt_syntax!r}",
-                           "prompt_syntax")
+    check_choice(req.prompt_syntax, PROMPT_SYNTAXES, "prompt_syntax")
     plan_prompts(req.prompt, req.negative_prompt, req.steps, req.prompt_syntax)  # syntax errors, with columns
-    _check_int(req.clip_skip, "clip_skip", 1, 12)
+    check_int(req.clip_skip, "clip_skip", 1, 12)
     if req.mask is not None and req.init_image is None:
         raise RequestError("a mask needs an init image to inpaint", "mask")
-    _check_int(req.mask_blur, "mask_blur", 0, 64)
-    if req.masked_content not in MASKED_CONTENT:
-        raise RequestError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {req.masked_content!r}",
-                           "masked_content")
-    if req.inpaint_method not in INPAINT_METHODS:
-        raise RequestError(f"inpaint_method must be one of {', '.join(INPAINT_METHODS)}, got {req.inpaint_method!r}",
-                           "inpaint_method")
-    _check_int(req.only_masked_padding, "only_masked_padding", 0, limits.max_side)
+    check_int(req.mask_blur, "mask_blur", 0, 64)
+    check_choice(req.masked_content, MASKED_CONTENT, "masked_content")
+    check_choice(req.inpaint_method, INPAINT_METHODS, "inpaint_method")
+    check_int(req.only_masked_padding, "only_masked_padding", 0, limits.max_side)
     for name in ("invert_mask", "only_masked", "keep_unmasked", "soft_inpainting", "zero_terminal_snr"):
         if not isinstance(getattr(req, name), bool):
             raise RequestError(f"{name} must be true or false, got {getattr(req, name)!r}", name)
@@ -138,7 +131,7 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
     check_latent_channels(req, geometry.latent_channels)
     width, height = _resolve_size(req, geometry)
     for name, value in (("width", width), ("height", height)):
-        _check_int(value, name, limits.min_side, limits.max_side)
+        check_int(value, name, limits.min_side, limits.max_side)
         if value % geometry.factor:
             raise RequestError(
                 f"{name} must be a multiple of {geometry.factor}, got {value} "
@@ -163,7 +156,12 @@ def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int,
     return req.width or geometry.native_size, req.height or geometry.native_size
 
 
-def _check_int(value: object, name: str, lo: int, hi: int) -> None:
+def check_choice(value: object, choices: Iterable[str], name: str) -> None:
+    if value not in choices:
+        raise RequestError(f"{name.rpartition('.')[2]} must be one of {', '.join(choices)}, got {value!r}", name)
+
+
+def check_int(value: object, name: str, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"{name} must be a whole number, got {value!r}", name)
     if not lo <= value <= hi:
@@ -192,9 +190,7 @@ def _check_unit(unit: object) -> None:
     if unit.preprocessor not in ALL_PREPROCESSORS:
         raise RequestError(f"unknown preprocessor {unit.preprocessor!r}; choose one of {', '.join(ALL_PREPROCESSORS)}",
                            "controlnets.preprocessor")
-    if unit.resize_mode not in RESIZE_MODES:
-        raise RequestError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {unit.resize_mode!r}",
-                           "controlnets.resize_mode")
+    check_choice(unit.resize_mode, RESIZE_MODES, "controlnets.resize_mode")
     if not isinstance(unit.weight, int | float) or not 0.0 <= unit.weight <= 2.0:
         raise RequestError(f"a ControlNet weight must be between 0 and 2, got {unit.weight!r}", "controlnets.weight")
     ok = all(isinstance(v, int | float) for v in (unit.start, unit.end)) and 0.0 <= unit.start < unit.end <= 1.0
@@ -203,5 +199,5 @@ def _check_unit(unit: object) -> None:
                            f"{unit.end!r}", "controlnets.start")
     if not isinstance(unit.guess_mode, bool):
         raise RequestError(f"guess_mode must be true or false, got {unit.guess_mode!r}", "controlnets.guess_mode")
-    _check_int(unit.low_threshold, "controlnets.low_threshold", 1, 255)
-    _check_int(unit.high_threshold, "controlnets.high_threshold", unit.low_threshold, 255)
+    check_int(unit.low_threshold, "controlnets.low_threshold", 1, 255)
+    check_int(unit.high_threshold, "controlnets.high_threshold", unit.low_threshold, 255)

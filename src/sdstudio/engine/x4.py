@@ -40,7 +40,7 @@ from sdstudio.engine.upscale import (
     target_size,
     upscale_image,
 )
-from sdstudio.engine.validate import MAX_SEED
+from sdstudio.engine.validate import MAX_SEED, check_int
 from sdstudio.errors import ModelError, RequestError
 from sdstudio.models.catalog import ModelFolders, ModelRef
 from sdstudio.models.configs import load_tokenizer
@@ -152,18 +152,11 @@ def check_request(req: UpscaleRequest, limits: Limits) -> None:
                            f"per side: use a smaller scale or crop the image", "scale")
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
-    _check_int(req.steps, "steps", 1, limits.max_steps)
-    _check_int(req.seed, "seed", -1, MAX_SEED)
-    _check_int(req.noise_level, "noise_level", 0, 1000)
+    check_int(req.steps, "steps", 1, limits.max_steps)
+    check_int(req.seed, "seed", -1, MAX_SEED)
+    check_int(req.noise_level, "noise_level", 0, 1000)
     if isinstance(req.cfg_scale, bool) or not isinstance(req.cfg_scale, int | float) or not req.cfg_scale >= 0:
         raise RequestError(f"cfg_scale must be a number >= 0, got {req.cfg_scale!r}", "cfg_scale")
-
-
-def _check_int(value: object, name: str, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {value!r}", name)
-    if not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {lo} and {hi}, got {value}", name)
 
 
 class Upscalers:
