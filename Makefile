@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint browser clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,10 @@ run: setup
 lint: setup
 	$(BIN)/ruff check src tests scripts examples
 
-test: lint
+browser:
+	./scripts/install_browser.sh
+
+test: lint browser
 	$(BIN)/pytest -q
 
 clean:

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 import torch
-import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
 
 from sdstudio import Settings
 from sdstudio.server.app import create_app
 from sdstudio.settings import PACKAGED_MODELS
+from sdstudio.testing.live import live_server
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +24,8 @@ def api(tmp_path_factory):
     settings = Settings.from_env(home=home, outputs_dir=home / "outputs", device=torch.device("cpu"),
                                  dtype=torch.float32, default_model="demo",
                                  models_dirs=(home / "models", PACKAGED_MODELS))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, home / "server"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
-    server.should_exit = True
-    thread.join(10)
+    with live_server(create_app(settings, home / "server")) as port:
+        yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
 
 
 def test_txt2img(api):

@@ -54,8 +54,7 @@ def xyz(ctx: typer.Context,
         subseed_strength: SubseedStrength = None, seed_resize_from: SeedResize = None) -> None:
     """X/Y/Z plot: vary settings along up to three axes; saves the images and a labelled grid."""
     from sdstudio.engine.engine import Engine
-    from sdstudio.engine.output import save_grid, save_result, to_json
-    from sdstudio.engine.xyz import build_plan, run_xyz
+    from sdstudio.engine.xyz import build_plan, run_xyz, save_xyz
     from sdstudio.storage.images import open_image
 
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
@@ -82,16 +81,12 @@ def xyz(ctx: typer.Context,
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
-    for cell in result.results:
+    saved = save_xyz(result, settings.outputs_dir)
+    for cell, images in zip(result.results, saved.cells, strict=True):
         for warning in cell.warnings:
             err.print(f"[yellow]warning:[/yellow] {warning}")
-        for saved in save_result(cell, settings.outputs_dir):
-            typer.echo(str(saved.path))
-    mode = "txt2img" if plan.base.init_image is None else "img2img"
-    for grid in result.grids:
-        record = {"format": "sdstudio-xyz/1", "z": grid.z,
-                  "axes": {a.name: list(a.labels) for a in plan.axes if a},
-                  "base": plan.base.to_dict()}
-        text = {"parameters": grid.infotext, "sdstudio-xyz": to_json(record)}
-        typer.echo(str(save_grid(grid.image, text, settings.outputs_dir, mode, "xyz-grid")))
+        for image in images:
+            typer.echo(str(image.path))
+    for grid in saved.grids:
+        typer.echo(str(grid))
     err.print(f"[dim]{len(plan.cells)} cell(s) in {len(result.grids)} grid(s), seed {plan.base.seed}[/dim]")

@@ -139,8 +139,12 @@ class AddOnLibrary:
         return AddOns(expand_prompt(prompt, embeddings), expand_prompt(negative_prompt, embeddings), loras,
                       tuple(embeddings))
 
+    def lora_files(self) -> list[Path]:
+        """Every LoRA file in the LoRA folders and their subfolders; `<lora:stem>` selects one."""
+        return [p for d in self.lora_dirs if d.is_dir() for p in sorted(d.rglob("*")) if p.suffix in LORA_SUFFIXES]
+
     def find_lora(self, name: str) -> Path:
-        files = [p for d in self.lora_dirs if d.is_dir() for p in sorted(d.rglob("*")) if p.suffix in LORA_SUFFIXES]
+        files = self.lora_files()
         for p in files:
             if name.lower() in (p.stem.lower(), p.name.lower()):
                 return p

@@ -89,9 +89,15 @@ def control_image(unit: ControlUnit, width: int, height: int, init: Image.Image 
         raise RequestError("a ControlNet unit needs a control image (or an init image to take it from)",
                            "controlnets")
     fitted = fit(source, width, height, unit.resize_mode)
-    if unit.preprocessor == "canny":
-        return canny(fitted, unit.low_threshold, unit.high_threshold)
-    return preprocess(unit.preprocessor, fitted, annotators)
+    return preprocess_control(fitted, unit.preprocessor, unit.low_threshold, unit.high_threshold, annotators)
+
+
+def preprocess_control(image: Image.Image, preprocessor: str, low_threshold: int = 100, high_threshold: int = 200,
+                       annotators: Path | None = None) -> Image.Image:
+    """A unit's preprocessor applied to its (already fitted) picture; canny takes the unit's thresholds."""
+    if preprocessor == "canny":
+        return canny(image, low_threshold, high_threshold)
+    return preprocess(preprocessor, image, annotators)
 
 
 def to_tensor(image: Image.Image | Tensor) -> Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,16 @@ from PIL import Image
 
 from sdstudio.engine.infotext import parse_infotext, request_fields
 from sdstudio.engine.record import request_from_record
-from sdstudio.engine.requests import Capture, GenerationResult
+from sdstudio.engine.requests import Capture, GeneratedImage, GenerationResult
 from sdstudio.errors import RequestError
-from sdstudio.storage.images import dated_folder, read_png_text, save_animation, save_png
+from sdstudio.storage.images import dated_folder, read_png_text, save_animation, save_png, text_chunks
+
+log = logging.getLogger(__name__)
 
 RECORD_CHUNK = "sdstudio"
 INFOTEXT_CHUNK = "parameters"
+CAPTURE_KINDS = ("xt", "x0", "latents")  # a captured step: decoded x_t, predicted x0, the latent channels
+CAPTURE_ANIMATION = "denoise.gif"
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,15 @@ def save_capture(capture: Capture, folder: Path) -> Path:
     and denoise.gif (x_t beside x0, every captured step)."""
     folder.mkdir(parents=True, exist_ok=True)
     for step, xt, x0, lat in zip(capture.steps, capture.decoded, capture.denoised, capture.latents, strict=True):
-        xt.save(folder / f"step-{step:03d}-xt.png")
-        x0.save(folder / f"step-{step:03d}-x0.png")
-        lat.save(folder / f"step-{step:03d}-latents.png")
-    save_animation(animation_frames(capture), folder / "denoise.gif")
+        for kind, picture in zip(CAPTURE_KINDS, (xt, x0, lat), strict=True):
+            picture.save(folder / capture_frame_name(step, kind))
+    save_animation(animation_frames(capture), folder / CAPTURE_ANIMATION)
     return folder
+
+
+def capture_frame_name(step: int, kind: str) -> str:
+    """step-NNN-<kind>.png; kind one of CAPTURE_KINDS."""
+    return f"step-{step:03d}-{kind}.png"
 
 
 def animation_frames(capture: Capture) -> list[Image.Image]:
@@ -81,6 +91,18 @@ def animation_frames(capture: Capture) -> list[Image.Image]:
     return frames
 
 
+def saved_entries(images: Sequence[GeneratedImage], saved: Sequence[SavedImage], root: Path) -> dict[str, list[Any]]:
+    """Per image, what history keeps: file and capture folder (relative to `root`), captured step numbers,
+    seed and infotext; each a list in image order."""
+    return {
+        "images": [str(s.path.relative_to(root)) for s in saved],
+        "seeds": [im.seed for im in images],
+        "infotexts": [im.infotext for im in images],
+        "captures": [str(s.capture_dir.relative_to(root)) if s.capture_dir else None for s in saved],
+        "capture_steps": [list(im.capture.steps) if im.capture else [] for im in images],
+    }
+
+
 @dataclass(frozen=True)
 class ImageMetadata:
     infotext: str | None
@@ -88,11 +110,35 @@ class ImageMetadata:
 
     def request_fields(self) -> dict[str, Any]:
         """Fields that reproduce the image: from the sdstudio record if present, else the infotext."""
+        return self.read_fields()[1]
+
+    def read_fields(self) -> tuple[str | None, dict[str, Any]]:
+        """(source, fields): source "sdstudio" (read from our record), "a1111" (from the infotext) or None
+        (the image states no parameters; fields {})."""
         if self.record is not None:
-            return request_from_record(self.record)
+            try:
+                return "sdstudio", request_from_record(self.record)
+            except (ValueError, KeyError, TypeError) as e:  # a record of another format: fall back to the text
+                log.warning("ignoring the image's sdstudio record: %s", e)
         if self.infotext is not None:
-            return request_fields(parse_infotext(self.infotext))
-        return {}
+            return "a1111", request_fields(parse_infotext(self.infotext))
+        return None, {}
+
+
+def metadata_from_chunks(chunks: Mapping[str, str]) -> ImageMetadata:
+    """ImageMetadata from PNG text chunks: the A1111 infotext and our JSON record (None if unreadable)."""
+    record = None
+    if RECORD_CHUNK in chunks:
+        try:
+            record = json.loads(chunks[RECORD_CHUNK])
+        except ValueError:
+            record = None
+    return ImageMetadata(chunks.get(INFOTEXT_CHUNK), record if isinstance(record, dict) else None)
+
+
+def image_metadata(image: Image.Image) -> ImageMetadata:
+    """The metadata of an already opened image (e.g. one sent as base64)."""
+    return metadata_from_chunks(text_chunks(image))
 
 
 def read_metadata(path: Path) -> ImageMetadata:
@@ -100,10 +146,4 @@ def read_metadata(path: Path) -> ImageMetadata:
         chunks = read_png_text(path)
     except (OSError, Image.DecompressionBombError) as e:
         raise RequestError(f"cannot read image {path}: {e}", "image") from None
-    record = None
-    if RECORD_CHUNK in chunks:
-        try:
-            record = json.loads(chunks[RECORD_CHUNK])
-        except ValueError:
-            record = None
-    return ImageMetadata(chunks.get(INFOTEXT_CHUNK), record)
+    return metadata_from_chunks(chunks)

@@ -22,11 +22,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from sdstudio.engine.infotext import format_value, quote
+from sdstudio.engine.output import INFOTEXT_CHUNK, SavedImage, save_grid, save_result, to_json
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.xyz_grid import draw_grid
 from sdstudio.errors import RequestError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from sdstudio.engine.engine import Engine
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 _NUMBER = r"([+-]?\d+(?:\.\d*)?)"
 _RANGE = re.compile(rf"{_NUMBER}\s*-\s*{_NUMBER}\s*(?:\(\s*{_NUMBER}\s*\)|\[\s*(\d+)\s*\])?")  # a-b (+step) / [count]
 _SIZE = re.compile(r"(\d+)\s*[xX]\s*(\d+)")
+XYZ_RECORD_CHUNK = "sdstudio-xyz"     # a grid's machine-readable record (PNG text chunk)
+XYZ_RECORD_FORMAT = "sdstudio-xyz/1"
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,19 @@ class XYZResult:
 def run_xyz(engine: Engine, plan: XYZPlan, progress: Callable[[XYZProgress], None] | None = None,
             cancel: CancelToken | None = None) -> XYZResult:
     """Check every cell first (fail before the first image), then generate them and draw the grids."""
+    check_plan(engine, plan)
+    results = []
+    for n, cell in enumerate(plan.cells):
+        hook = (lambda event, n=n: progress(XYZProgress(n, len(plan.cells), event))) if progress else None
+        try:
+            results.append(engine.generate(cell.request, progress=hook, cancel=cancel))
+        except RequestError as e:
+            raise RequestError(f"X/Y/Z cell {_cell_name(plan, cell)}: {e}", e.field) from None
+    return XYZResult(plan, results, [grid_for(plan, results, z) for z in range(plan.shape[2])])
+
+
+def check_plan(engine: Engine, plan: XYZPlan) -> None:
+    """Every cell's fields and model name, without loading anything: RequestError naming the cell."""
     from sdstudio.engine.validate import check_fields
 
     for cell in plan.cells:
@@ -265,14 +283,6 @@ def run_xyz(engine: Engine, plan: XYZPlan, progress: Callable[[XYZProgress], Non
             raise RequestError(f"X/Y/Z cell {_cell_name(plan, cell)}: {e}", e.field) from None
     for model in dict.fromkeys(c.request.model for c in plan.cells):
         engine.model_ref(model)  # ModelError for a model name that is not there
-    results = []
-    for n, cell in enumerate(plan.cells):
-        hook = (lambda event, n=n: progress(XYZProgress(n, len(plan.cells), event))) if progress else None
-        try:
-            results.append(engine.generate(cell.request, progress=hook, cancel=cancel))
-        except RequestError as e:
-            raise RequestError(f"X/Y/Z cell {_cell_name(plan, cell)}: {e}", e.field) from None
-    return XYZResult(plan, results, [grid_for(plan, results, z) for z in range(plan.shape[2])])
 
 
 def _cell_name(plan: XYZPlan, cell: XYZCell) -> str:
@@ -301,3 +311,24 @@ def plot_params(plan: XYZPlan) -> dict[str, str]:
             out[f"{letter} Type"] = axis.name
             out[f"{letter} Values"] = ", ".join(_label(v) for v in axis.values)
     return out
+
+
+@dataclass(frozen=True)
+class SavedXYZ:
+    grids: list[Path]                # one per Z value, in order
+    cells: list[list[SavedImage]]    # per cell (plan.cells order), its images
+
+
+def save_xyz(result: XYZResult, root: Path) -> SavedXYZ:
+    """Every cell's images as txt2img/img2img saves them, and each grid into <root>/<mode>-grids/<date>/ with
+    its infotext and an `sdstudio-xyz` record (the axes' labels and the base request)."""
+    plan = result.plan
+    cells = [save_result(cell, root) for cell in result.results]
+    mode = "txt2img" if plan.base.init_image is None else "img2img"
+    grids = []
+    for grid in result.grids:
+        record = {"format": XYZ_RECORD_FORMAT, "z": grid.z, "axes": {a.name: list(a.labels) for a in plan.axes if a},
+                  "base": plan.base.to_dict()}
+        text = {INFOTEXT_CHUNK: grid.infotext, XYZ_RECORD_CHUNK: to_json(record)}
+        grids.append(save_grid(grid.image, text, root, mode, "xyz-grid"))
+    return SavedXYZ(grids, cells)

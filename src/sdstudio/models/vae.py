@@ -48,7 +48,7 @@ def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path]) -> Pa
     path = Path(key).expanduser()
     if path.is_file():
         return path
-    files = [p for d in folders if d.is_dir() for p in sorted(d.iterdir()) if p.suffix in VAE_SUFFIXES]
+    files = vae_files(folders)
     for p in files:
         if key.lower() in (p.name.lower(), p.stem.lower()):
             return p
@@ -57,6 +57,11 @@ def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path]) -> Pa
         return beside
     refs = [ModelRef(p.name, p) for p in files]
     raise RequestError(unknown_message(key, refs).replace("unknown model", "unknown VAE"), "vae")
+
+
+def vae_files(folders: Sequence[Path]) -> list[Path]:
+    """The VAE files in `folders` (not their subfolders), sorted by name within each folder."""
+    return [p for d in folders if d.is_dir() for p in sorted(d.iterdir()) if p.suffix in VAE_SUFFIXES]
 
 
 def _beside(model: ModelRef) -> Path | None:

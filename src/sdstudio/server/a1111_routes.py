@@ -19,8 +19,7 @@ from sdstudio.engine.kandinsky import find_kandinsky
 from sdstudio.engine.upscale import UpscaleRequest, latent_upscale_modes
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
 from sdstudio.models import catalog
-from sdstudio.models.lora import LORA_SUFFIXES
-from sdstudio.models.vae import VAE_SUFFIXES
+from sdstudio.models.vae import vae_files
 from sdstudio.server import a1111_options as listings
 from sdstudio.server.a1111 import (
     Img2ImgBody,
@@ -32,6 +31,7 @@ from sdstudio.server.a1111 import (
 )
 from sdstudio.server.a1111_options import A1111Options
 from sdstudio.server.payload import encode_request
+from sdstudio.storage.images import text_chunks
 
 if TYPE_CHECKING:
     from sdstudio.server.app import ServerState
@@ -135,7 +135,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/png-info")
     def read_png_info(data: dict[str, Any]) -> dict[str, Any]:
         image = decode_image(data.get("image"), "image")
-        chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}  # PNG text chunks
+        chunks = text_chunks(image)
         text = chunks.get("parameters", "")
         items = {k: v for k, v in chunks.items() if k != "parameters"}
         parsed = parse_infotext(text).params if text else {}
@@ -143,14 +143,12 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
-        files = [p for d in state.engine.folders.vae if d.is_dir() for p in sorted(d.iterdir())
-                 if p.suffix in VAE_SUFFIXES]
+        files = vae_files(state.engine.folders.vae)
         return [{"model_name": p.name, "filename": p.name} for p in files]
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
-        files = [p for d in state.engine.addons.lora_dirs if d.is_dir() for p in sorted(d.rglob("*"))
-                 if p.suffix in LORA_SUFFIXES]
+        files = state.engine.addons.lora_files()
         return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}} for p in files]
 
     @app.get("/sdapi/v1/embeddings")

@@ -28,6 +28,8 @@ from sdstudio.engine.kandinsky import find_kandinsky
 from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
 from sdstudio.server.payload import decode_request
+from sdstudio.server.studio_routes import add_studio_routes
+from sdstudio.server.ui_routes import add_ui_routes
 from sdstudio.server.worker import Worker
 from sdstudio.settings import PACKAGED_MODELS, Settings
 from sdstudio.storage.jobs import STATUSES, JobRecord, JobStore
@@ -61,8 +63,10 @@ class JobBody(BaseModel):
 
 
 def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
-    view: dict[str, Any] = {"id": job.id, "status": job.status, "created": job.created, "started": job.started,
-                            "finished": job.finished, "error": state.scrub(job.error)}
+    request = job.payload.get("request", job.payload)  # an X/Y/Z job wraps its base request
+    view: dict[str, Any] = {"id": job.id, "kind": job.kind, "status": job.status, "created": job.created,
+                            "started": job.started, "finished": job.finished, "error": state.scrub(job.error),
+                            "prompt": request.get("prompt", "") if isinstance(request, dict) else ""}
     if job.status == "queued":
         view["position"] = state.store.queue_position(job.id)
     if job.status == "running" and state.worker.progress.job_id == job.id:
@@ -99,6 +103,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     add_error_handlers(app, state.roots)
     add_upload_limit(app, settings.limits.max_upload_bytes)
     add_a1111_routes(app, state)
+    add_studio_routes(app, state)
     if auth:
         add_basic_auth(app, auth)
 
@@ -146,6 +151,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
         _job(store, job_id)
         return StreamingResponse(_events(state, job_id), media_type="text/event-stream")
 
+    add_ui_routes(app, state)
     return app
 
 

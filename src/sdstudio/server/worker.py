@@ -23,9 +23,10 @@ from PIL import Image
 
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.hooks import CancelToken, ProgressEvent
-from sdstudio.engine.output import save_result
+from sdstudio.engine.output import save_result, saved_entries
 from sdstudio.errors import Cancelled, SdStudioError
 from sdstudio.server.payload import decode_request
+from sdstudio.server.xyz_job import XYZ_KIND, run_xyz_job
 from sdstudio.storage.jobs import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,12 @@ class Worker:
         try:
             if self.store.is_cancel_requested(job.id):
                 raise Cancelled("cancelled before it started")
-            request = decode_request(job.payload)
-            result = self.engine.generate(request, progress=self._on_progress(job.id, token), cancel=token)
-            saved = save_result(result, self.images_dir)
-            if job.kind.startswith("sdapi"):
-                with self._results_lock:
-                    self._results[job.id] = result
-            self.store.finish(job.id, self.result_record(result, saved))
+            on_event = self._on_progress(job.id, token)
+            if job.kind == XYZ_KIND:
+                record = run_xyz_job(self.engine, job.payload, self.images_dir, on_event, token)
+            else:
+                record = self._generate(job, on_event, token)
+            self.store.finish(job.id, record)
         except Cancelled:
             self.store.mark_cancelled(job.id)
         except SdStudioError as e:
@@ -156,6 +156,16 @@ class Worker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def _generate(self, job: JobRecord, on_event: Callable[[ProgressEvent], None],
+                  token: CancelToken) -> dict[str, Any]:
+        """One generation request: run, save, keep the result for a waiting A1111 route; the history record."""
+        result = self.engine.generate(decode_request(job.payload), progress=on_event, cancel=token)
+        saved = save_result(result, self.images_dir)
+        if job.kind.startswith("sdapi"):
+            with self._results_lock:
+                self._results[job.id] = result
+        return self.result_record(result, saved)
+
     def _on_progress(self, job_id: str, token: CancelToken) -> Callable[[ProgressEvent], None]:
         def on_event(event: ProgressEvent) -> None:
             with self.progress.lock:
@@ -168,11 +178,10 @@ class Worker:
         return on_event
 
     def result_record(self, result: Any, saved: list[Any]) -> dict[str, Any]:
-        """What history keeps: image files (relative to the images folder), seeds, infotexts, timings."""
+        """What history keeps: image files and denoising captures (relative to the images folder), captured
+        steps, seeds, infotexts, timings."""
         return {
-            "images": [str(s.path.relative_to(self.images_dir)) for s in saved],
-            "seeds": [im.seed for im in result.images],
-            "infotexts": [im.infotext for im in result.images],
+            **saved_entries(result.images, saved, self.images_dir),
             "request": result.request.to_dict(),
             "warnings": list(result.warnings),
             "seconds": result.seconds,

@@ -78,7 +78,12 @@ def read_png_text(path: Path) -> dict[str, str]:
     """The text chunks of an image file (empty for formats without them)."""
     with Image.open(path) as im:
         im.load()
-        return {k: v for k, v in im.info.items() if isinstance(v, str)}
+        return text_chunks(im)
+
+
+def text_chunks(image: Image.Image) -> dict[str, str]:
+    """The text chunks of an opened (and loaded) image: PNG tEXt/iTXt, as PIL puts them in `info`."""
+    return {k: v for k, v in image.info.items() if isinstance(v, str)}
 
 
 def open_image(path: Path) -> Image.Image:

@@ -1,0 +1,62 @@
+"""The web UI's door: the static single-page app at `/`, and outpainting as a queued job.
+
+The UI (src/sdstudio/webui/) is plain HTML, CSS and ES modules: no build step, nothing fetched from
+outside the server. It talks only to the public HTTP API, like any other client.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Header
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from sdstudio.engine.outpaint import PREFILLS, Extension, outpaint_request
+from sdstudio.errors import RequestError
+from sdstudio.server.payload import decode_request, encode_request
+
+if TYPE_CHECKING:
+    from sdstudio.server.app import ServerState
+
+WEBUI = Path(__file__).resolve().parent.parent / "webui"
+
+
+class OutpaintBody(BaseModel):
+    """An image extended on some sides: the request's init_image is the picture to extend."""
+
+    request: dict[str, Any] = Field(description="GenerationRequest fields; init_image is the picture to extend")
+    left: int = Field(default=0, ge=0)
+    right: int = Field(default=0, ge=0)
+    up: int = Field(default=0, ge=0)
+    down: int = Field(default=0, ge=0)
+    prefill: str = Field(default="blur", description=f"one of {', '.join(PREFILLS)}")
+    overlap: int = Field(default=8, ge=0, le=256)
+    idempotency_key: str | None = Field(default=None, max_length=200)
+
+
+def add_ui_routes(app: FastAPI, state: ServerState) -> None:
+    from sdstudio.server.app import job_view
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEBUI / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui", StaticFiles(directory=WEBUI), name="webui")
+
+    @app.post("/api/v1/outpaint", status_code=202)
+    def outpaint(body: OutpaintBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
+        """Queue an inpainting job that extends the init image: the canvas is pre-filled and masked here,
+        so the stored job is a plain inpainting request (re-runnable as it is)."""
+        base = decode_request(body.request)
+        if base.init_image is None:
+            raise RequestError("outpainting needs the picture to extend in request.init_image", "init_image")
+        limit = state.settings.limits.max_pixels
+        request = outpaint_request(base, base.init_image, Extension(body.left, body.right, body.up, body.down),
+                                   body.prefill, body.overlap, limit=int(limit**0.5))
+        state.engine.check(request)
+        job = state.store.submit(request.mode, encode_request(request), body.idempotency_key or idempotency_key)
+        state.worker.wake()
+        return job_view(job, state)

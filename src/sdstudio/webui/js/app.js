@@ -1,0 +1,67 @@
+// Boot: read the catalog, fill the pickers, wire the views. Ctrl+Enter generates (or runs the plot on its page).
+import * as api from "./api.js";
+import { $, $$, fillSelect, showError } from "./dom.js";
+import { Studio } from "./generate.js";
+import { History, watchQueue } from "./history.js";
+import { PngInfo } from "./pnginfo.js";
+import { Settings, loadPrefs } from "./settings.js";
+import { Viewer } from "./viewer.js";
+import { XYZ } from "./xyz.js";
+
+function fillPickers(catalog) {
+  const d = catalog.defaults;
+  fillSelect($("#model"), catalog.models.map((m) => [m.name, m.inpainting ? `${m.name} (inpainting)` : m.name]),
+    catalog.default_model);
+  fillSelect($("#vae"), [["", "Automatic"], ...catalog.vaes]);
+  fillSelect($("#sampler"), catalog.samplers, d.sampler);
+  fillSelect($("#schedule"), catalog.schedules, d.schedule);
+  fillSelect($("#masked_content"), catalog.masked_content, d.masked_content);
+  fillSelect($("#inpaint_method"), catalog.inpaint_methods, d.inpaint_method);
+  fillSelect($("#hr_upscaler"), [...catalog.latent_upscale_modes, ...catalog.upscalers], d.hr_upscaler);
+  fillSelect($("#up-upscaler"), catalog.upscalers, "Lanczos");
+  for (const [id, names] of [["#lora-pick", catalog.loras], ["#embedding-pick", catalog.embeddings]]) {
+    const first = $(id).options[0];
+    fillSelect($(id), names);
+    $(id).prepend(first);
+    $(id).value = "";
+    $(id).disabled = !names.length;
+  }
+  for (const name of ["steps", "cfg_scale", "strength", "mask_blur", "only_masked_padding"]) {
+    if (d[name] !== undefined) $(`#${name}`).value = d[name];
+  }
+}
+
+async function main() {
+  const prefs = loadPrefs();
+  let catalog;
+  try {
+    catalog = await api.get("/api/v1/catalog");
+  } catch (e) {
+    showError(document.body, null, `cannot read the model catalog: ${e.message}`, $("#form-error"));
+    return;
+  }
+  fillPickers(catalog);
+  const viewer = new Viewer();
+  const studio = new Studio(catalog, prefs, viewer);
+  const settings = new Settings(prefs, catalog);
+  const showView = (name) => {
+    for (const b of $$(".tabs button")) b.classList.toggle("active", b.dataset.view === name);
+    for (const v of $$(".view")) v.classList.toggle("active", v.id === `view-${name}`);
+    if (name === "history") history.refresh();
+    if (name === "settings") settings.refresh();
+  };
+  const history = new History(studio, viewer, showView);
+  new PngInfo(studio, showView);
+  const xyz = new XYZ(studio, viewer, catalog.xyz_axes);
+  for (const b of $$(".tabs button")) b.addEventListener("click", () => showView(b.dataset.view));
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
+    e.preventDefault();
+    if ($("#view-xyz").classList.contains("active")) xyz.run();
+    else { showView("generate"); studio.run(); }
+  });
+  watchQueue($("#queue"));
+  document.body.dataset.ready = "true";  // the page is wired (browser tests wait for this)
+}
+
+main();

@@ -1,0 +1,259 @@
+// The Generate view: build the request from the form, submit it, follow its progress, show the results.
+import * as api from "./api.js";
+import { ControlUnits } from "./control.js";
+import { $, clearErrors, el, formatSeconds, showError } from "./dom.js";
+import { applyAspect, readFields, setMode, writeFields } from "./form.js";
+import { MaskEditor } from "./mask.js";
+
+class FieldError extends Error {
+  constructor(field, message) { super(message); this.field = field; }
+}
+
+export class Studio {
+  constructor(catalog, prefs, viewer) {
+    this.catalog = catalog;
+    this.prefs = prefs;
+    this.viewer = viewer;
+    this.mode = "txt2img";
+    this.initImage = null;   // base64 PNG of the picture to work on
+    this.jobId = null;       // the running job
+    this.results = [];       // {url, infotext, seed, jobId, index}
+    this.selected = 0;
+    this.form = $("#gen-form");
+    this.mask = new MaskEditor($("#mask-canvas"));
+    this.controls = new ControlUnits($("#control-units"), $("#control-count"), catalog);
+    this.bind();
+    setMode(this.mode);
+  }
+
+  bind() {
+    this.form.addEventListener("submit", (e) => { e.preventDefault(); this.run(); });
+    $("#cancel").addEventListener("click", () => this.cancel());
+    for (const button of document.querySelectorAll(".modes button")) {
+      button.addEventListener("click", () => this.setMode(button.dataset.mode));
+    }
+    $("#aspect").addEventListener("change", (e) => { applyAspect(e.target.value, this.nativeSize()); e.target.value = ""; });
+    $("#seed-random").addEventListener("click", () => { $("#seed").value = -1; });
+    $("#seed-reuse").addEventListener("click", () => {
+      const last = this.results[this.selected];
+      if (last) $("#seed").value = last.seed;
+    });
+    $("#lora-pick").addEventListener("change", (e) => this.addToPrompt(e.target, (v) => `<lora:${v}:1>`));
+    $("#embedding-pick").addEventListener("change", (e) => this.addToPrompt(e.target, (v) => v, "negative_prompt"));
+    this.bindImageInput();
+    $("#brush").addEventListener("click", () => this.tool(false));
+    $("#eraser").addEventListener("click", () => this.tool(true));
+    $("#brush-size").addEventListener("input", (e) => { this.mask.size = Number(e.target.value); });
+    $("#mask-invert").addEventListener("click", () => this.mask.invert());
+    $("#mask-clear").addEventListener("click", () => this.mask.clear());
+    $("#control-add").addEventListener("click", () => this.controls.add());
+    $("#result-main").addEventListener("click", () => this.viewer.open(this.results[this.selected]));
+    $("#send-img2img").addEventListener("click", () => this.sendTo("img2img"));
+    $("#send-inpaint").addEventListener("click", () => this.sendTo("inpaint"));
+    $("#rerun").addEventListener("click", () => this.rerun(this.results[this.selected]));
+    $("#show-capture").addEventListener("click", () => this.viewer.open(this.results[this.selected], true));
+  }
+
+  nativeSize() {
+    const model = this.catalog.models.find((m) => m.name === $("#model").value);
+    return (model && model.size) || 512;
+  }
+
+  addToPrompt(select, format, target = "prompt") {
+    if (!select.value) return;
+    const box = $(`#${target}`);
+    box.value = `${box.value.trim()}${box.value.trim() ? ", " : ""}${format(select.value)}`;
+    select.value = "";
+  }
+
+  tool(erasing) {
+    this.mask.erasing = erasing;
+    $("#brush").classList.toggle("active", !erasing);
+    $("#eraser").classList.toggle("active", erasing);
+  }
+
+  setMode(mode) {
+    this.mode = mode;
+    setMode(mode);
+  }
+
+  bindImageInput() {
+    const zone = $("#dropzone"), file = $("#init-file");
+    $("#init-browse").addEventListener("click", () => file.click());
+    file.addEventListener("change", async () => { if (file.files[0]) await this.setImage(await api.fileToBase64(file.files[0])); });
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", async (e) => {
+      e.preventDefault();
+      zone.classList.remove("over");
+      const dropped = e.dataTransfer.files[0];
+      if (dropped) await this.setImage(await api.fileToBase64(dropped));
+    });
+  }
+
+  // Show the picture to work on; the mask canvas takes its pixel size (and is cleared).
+  async setImage(b64, maskB64 = null) {
+    this.initImage = b64;
+    const img = $("#init-preview");
+    img.src = api.pngUrl(b64);
+    await img.decode();
+    this.mask.reset(img.naturalWidth, img.naturalHeight);
+    if (maskB64) await this.mask.load(api.pngUrl(maskB64));
+    $("#canvas-wrap").hidden = false;
+    $("#dropzone .hint").hidden = true;
+  }
+
+  // The request of the current mode, or a FieldError saying what is missing.
+  request() {
+    const fields = readFields(this.mode);
+    if (this.mode !== "txt2img") {
+      if (!this.initImage) throw new FieldError("init_image", "drop an image to work on first");
+      fields.init_image = this.initImage;
+    }
+    if (this.mode === "inpaint") {
+      if (this.mask.isEmpty()) throw new FieldError("mask", "paint over the part of the image to repaint");
+      fields.mask = this.mask.toBase64();
+    }
+    if (this.mode !== "outpaint" && this.mode !== "upscale") fields.controlnets = this.controls.toRequest();
+    return fields;
+  }
+
+  async run() {
+    if (this.jobId) return;  // one job at a time from this form; the queue view shows the rest
+    clearErrors(this.form);
+    try {
+      if (this.mode === "upscale") return await this.upscale();
+      const request = this.request();
+      const job = this.mode === "outpaint"
+        ? await api.post("/api/v1/outpaint", { request, ...this.outpaintSides() })
+        : await api.post("/api/v1/jobs", { request });
+      await this.follow(job.id);
+    } catch (e) {
+      this.error(e);
+    }
+  }
+
+  outpaintSides() {
+    const n = (id) => Number($(`#${id}`).value);
+    return { left: n("out-left"), right: n("out-right"), up: n("out-up"), down: n("out-down"),
+      prefill: $("#out-prefill").value, overlap: n("out-overlap") };
+  }
+
+  async upscale() {
+    if (!this.initImage) throw new FieldError("init_image", "drop an image to upscale first");
+    this.busy(true, null);
+    try {
+      const out = await api.post("/sdapi/v1/extra-single-image", {
+        image: this.initImage, upscaling_resize: Number($("#up-scale").value), upscaler_1: $("#up-upscaler").value });
+      this.show([{ url: api.pngUrl(out.image), infotext: out.html_info, seed: null, jobId: null, index: 0 }]);
+    } finally {
+      this.busy(false, null);
+    }
+  }
+
+  async follow(jobId) {
+    this.busy(true, jobId);
+    const started = performance.now();
+    try {
+      const view = await api.follow(jobId, (v) => this.progress(v, started));
+      this.finish(view);
+    } finally {
+      this.busy(false, null);
+    }
+  }
+
+  busy(on, jobId) {
+    this.jobId = jobId;
+    $("#generate").disabled = on;
+    $("#cancel").disabled = !on || !jobId;
+    $("#progress").hidden = !on;
+    if (on) this.progress({ status: "queued", position: null }, performance.now());
+    else $("#preview").hidden = true;
+  }
+
+  progress(view, started) {
+    const fraction = view.status === "running" ? (view.progress || 0) : 0;
+    $("#progress-fill").style.width = `${Math.round(fraction * 100)}%`;
+    const eta = fraction > 0 ? (performance.now() - started) / 1000 * (1 - fraction) / fraction : NaN;
+    $("#progress-text").textContent = view.status === "queued"
+      ? `queued${view.position ? `, position ${view.position}` : ""}`
+      : `${Math.round(fraction * 100)}%${eta ? `, ETA ${formatSeconds(eta)}` : ""}`;
+    if (view.preview && this.prefs.preview) {
+      $("#preview").src = api.pngUrl(view.preview);
+      $("#preview").hidden = false;
+      $("#result-main").hidden = true;
+    }
+  }
+
+  async cancel() {
+    if (!this.jobId) return;
+    await api.post(`/api/v1/jobs/${this.jobId}/cancel`);
+  }
+
+  finish(view) {
+    if (view.status === "done") {
+      const r = view.result;
+      this.show(r.images.map((url, i) => ({ url, infotext: r.infotexts[i], seed: r.seeds[i], jobId: view.id, index: i,
+        capture: !!(r.captures && r.captures[i]) })), r.warnings || []);
+    } else if (view.status === "cancelled") {
+      this.error(new Error("cancelled"));
+    } else {
+      this.error(new Error(view.error || `the job ended as ${view.status}`));
+    }
+  }
+
+  show(results, warnings = []) {
+    this.results = results;
+    $("#gallery").replaceChildren(...results.map((r, i) => el("img", { src: r.url, alt: `image ${i + 1}`, onclick: () => this.select(i) })));
+    $("#warnings").replaceChildren(...warnings.map((w) => el("li", {}, w)));
+    this.select(0);
+  }
+
+  select(i) {
+    const r = this.results[i];
+    if (!r) return;
+    this.selected = i;
+    $("#result-main").src = r.url;
+    $("#result-main").hidden = false;
+    $("#preview").hidden = true;
+    $("#infotext").textContent = r.infotext || "";
+    $("#download").href = r.url;
+    $("#download").download = `sdstudio-${r.seed ?? "upscaled"}.png`;
+    $("#result-actions").hidden = false;
+    $("#rerun").hidden = !r.jobId;
+    $("#show-capture").hidden = !r.capture;
+    document.querySelectorAll("#gallery img").forEach((img, k) => img.classList.toggle("selected", k === i));
+  }
+
+  async sendTo(mode) {
+    const r = this.results[this.selected];
+    if (!r) return;
+    await this.setImage(r.url.startsWith("data:") ? r.url.split(",", 2)[1] : await api.urlToBase64(r.url));
+    this.setMode(mode);
+  }
+
+  // Load a stored job's exact request into the form (pictures included).
+  async load(request) {
+    writeFields(request);
+    const mode = request.mask ? "inpaint" : request.init_image ? "img2img" : "txt2img";
+    if (request.init_image) await this.setImage(request.init_image, request.mask || null);
+    this.controls.clear();
+    for (const unit of request.controlnets || []) this.controls.add(unit);
+    this.setMode(mode);
+  }
+
+  // Re-run: the job's stored request with the seed actually used, so the same image comes back. From a result,
+  // that image alone (a batch of one); from history, the whole job (its first seed, same batch).
+  async rerun(result, wholeJob = false) {
+    const request = await api.get(`/api/v1/jobs/${result.jobId}/request`);
+    const seed = result.seed;
+    await this.load(wholeJob ? { ...request, seed } : { ...request, seed, batch_size: 1, n_iter: 1 });
+    await this.run();
+  }
+
+  error(e) {
+    const field = e.field || null;
+    const root = /^(model|vae)$/.test(field) ? document.body : this.form;  // the pickers are in the header
+    showError(root, field, e.message, $("#form-error"));
+  }
+}

@@ -1,0 +1,58 @@
+// X/Y/Z plot: the Generate form's request varied along up to three axes, run as one queued job (POST /api/v1/xyz).
+import * as api from "./api.js";
+import { $, $$, clearErrors, fillSelect, showError } from "./dom.js";
+
+export class XYZ {
+  constructor(studio, viewer, axes) {
+    this.studio = studio;
+    this.viewer = viewer;
+    this.running = false;
+    const defaults = ["cfg", "steps", "seed"];
+    const names = axes.map((a) => [a.name, a.name]);  // catalog.xyz_axes: {name, help}
+    $$("#view-xyz .axis-name").forEach((select, i) => fillSelect(select, names, defaults[i]));
+    $("#xyz-run").addEventListener("click", () => this.run());
+    $("#xyz-grid").addEventListener("click", () => this.viewer.open(this.grid));
+  }
+
+  axis(letter) {
+    const row = $(`#view-xyz .axis[data-for="${letter}"]`);
+    const values = $(".axis-values", row).value.trim();
+    return values ? `${$(".axis-name", row).value}=${values}` : null;
+  }
+
+  async run() {
+    if (this.running) return;
+    const view = $("#view-xyz");
+    clearErrors(view);
+    clearErrors($("#gen-form"));
+    let job;
+    try {
+      const request = this.studio.request();
+      job = await api.post("/api/v1/xyz", { request, x: this.axis("x"), y: this.axis("y"), z: this.axis("z") });
+    } catch (e) {
+      const inView = showError(view, e.field, e.message, null);
+      if (!inView) showError(view, null, `${e.field ? `${e.field}: ` : ""}${e.message} (see the Generate form)`, $("#xyz-error"));
+      return;
+    }
+    this.running = true;
+    const bar = $("#xyz-progress");
+    bar.hidden = false;
+    try {
+      const done = await api.follow(job.id, (v) => {
+        const f = v.status === "running" ? v.progress || 0 : 0;
+        $(".fill", bar).style.width = `${Math.round(f * 100)}%`;
+        $("span", bar).textContent = v.status === "queued" ? "queued" : `${Math.round(f * 100)}%`;
+      });
+      if (done.status !== "done") throw new Error(done.error || `the plot ended as ${done.status}`);
+      const r = done.result;
+      this.grid = { url: r.images[0], infotext: r.infotexts[0], seed: r.seeds[0], jobId: done.id, index: 0 };
+      $("#xyz-grid").src = r.images[0];
+      $("#xyz-grid").hidden = false;
+    } catch (e) {
+      showError(view, null, e.message, $("#xyz-error"));
+    } finally {
+      this.running = false;
+      bar.hidden = true;
+    }
+  }
+}

@@ -1,0 +1,285 @@
+"""The web UI end to end: `sdstudio serve` on the demo model, driven in headless Chromium (Debian's, through
+Playwright). Screenshots are written to test-artifacts/webui/ (not committed).
+
+`make test` installs Chromium first (scripts/install_browser.sh). Without it these tests fail, naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+
+from sdstudio import Settings
+from sdstudio.server.app import create_app
+from sdstudio.testing.live import live_server
+from sdstudio.train.shapes import ShapeSpec, draw
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "webui"
+# Flags for a sandboxed, offline machine: no background connections that the closed network would refuse.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("webui-home")
+    settings = Settings.from_env(home=home, outputs_dir=home / "outputs", device=torch.device("cpu"),
+                                 dtype=torch.float32, default_model="demo")
+    with live_server(create_app(settings, home / "server")) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("the web UI tests need Debian's chromium: run scripts/install_browser.sh (make test does)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((server, "data:")) else outside.append(r.url))
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+    assert not outside, f"the page made requests outside the server: {outside}"
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def fill_basics(page, prompt: str, seed: int, steps: int = 8) -> None:
+    page.fill("#prompt", prompt)
+    page.fill("#steps", str(steps))
+    page.fill("#seed", str(seed))
+
+
+def result_pixels(page) -> np.ndarray:
+    src = page.get_attribute("#result-main", "src")
+    body = page.request.get(src).body() if not src.startswith("data:") else None
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+
+
+def wait_for_result(page, previous: str | None = None) -> str:
+    page.wait_for_function("prev => { const i = document.querySelector('#result-main');"
+                           " return !i.hidden && i.getAttribute('src') && i.getAttribute('src') !== prev; }",
+                           arg=previous, timeout=60_000)
+    return page.get_attribute("#result-main", "src")
+
+
+def png_file(image: Image.Image, text: dict[str, str] | None = None) -> dict:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return {"name": "picture.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+
+def test_generate_shows_the_image_and_its_metadata(page):
+    fill_basics(page, "a red circle on a blue background", seed=4)
+    page.click("#generate")
+    wait_for_result(page)
+    info = page.inner_text("#infotext")
+    assert "a red circle on a blue background" in info and "Seed: 4" in info and "Steps: 8" in info
+    pixels = result_pixels(page)
+    assert pixels.shape == (64, 64, 3)
+    red = ((pixels[..., 0] > 150) & (pixels[..., 2] < 100)).sum()
+    assert red > 100  # the demo model drew the red circle
+    assert page.get_attribute("#download", "href").startswith("/api/v1/images/")
+    shot(page, "generate")
+
+
+def test_ctrl_enter_generates_and_seed_buttons(page):
+    fill_basics(page, "a green square on a yellow background", seed=11, steps=4)
+    page.press("#prompt", "Control+Enter")
+    wait_for_result(page)
+    assert "Seed: 11" in page.inner_text("#infotext")
+    page.click("#seed-random")
+    assert page.input_value("#seed") == "-1"
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "11"
+
+
+def test_paint_a_mask_and_inpaint(page):
+    init = draw(ShapeSpec("circle", "red", "blue", "large", (1, 1)), 64)
+    page.click("button[data-mode=inpaint]")
+    page.set_input_files("#init-file", png_file(init))
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    page.fill("#brush-size", "90")
+    page.dispatch_event("#brush-size", "input")
+    box = page.locator("#mask-canvas").bounding_box()
+    for row in (0.35, 0.5, 0.65):  # three wide strokes over the middle of the picture
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * row)
+        page.mouse.down()
+        for k in range(1, 11):
+            page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * k), box["y"] + box["height"] * row)
+        page.mouse.up()
+    fill_basics(page, "a large yellow circle in the center on a blue background", seed=2, steps=10)
+    page.fill("#strength", "1")
+    shot(page, "inpaint-mask")
+    page.click("#generate")
+    wait_for_result(page)
+    out = result_pixels(page)
+    before = np.asarray(init.convert("RGB")).astype(int)
+    assert (out[:6] == before[:6]).all()  # the unpainted top rows are exactly the user's pixels
+    centre = out[28:36, 28:36].mean(axis=(0, 1))
+    assert centre[0] > 150 and centre[1] > 150 and centre[2] < 120, centre  # repainted yellow
+    assert "Mask blur" in page.inner_text("#infotext")
+    shot(page, "inpaint")
+
+
+def test_errors_appear_next_to_their_field(page):
+    fill_basics(page, "a red circle", seed=1, steps=0)
+    page.click("#generate")
+    error = page.locator("[data-for=steps] .field-error")
+    error.wait_for()
+    assert "steps" in error.inner_text()
+    page.click("button[data-mode=img2img]")
+    page.fill("#steps", "4")
+    page.click("#generate")
+    sync_api.expect(page.locator("[data-error-for~=init_image]")).to_contain_text("drop an image")
+
+
+def test_cancel_a_running_job(page, server):
+    fill_basics(page, "a blue triangle on a red background", seed=5, steps=150)
+    page.fill("#width", "512")
+    page.fill("#height", "512")
+    page.click("#generate")
+    page.wait_for_function("() => /\\d+%/.test(document.querySelector('#progress-text').textContent) &&"
+                           " !document.querySelector('#cancel').disabled", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_function("() => document.querySelector('#form-error').textContent.includes('cancelled')",
+                           timeout=60_000)
+    assert page.is_disabled("#cancel") and page.is_enabled("#generate")
+    cancelled = page.request.get(f"{server}/api/v1/jobs?status=cancelled").json()["jobs"]
+    assert cancelled, "the job was not cancelled"
+    request = page.request.get(f"{server}/api/v1/jobs/{cancelled[0]['id']}/request").json()
+    assert request["prompt"] == "a blue triangle on a red background"
+
+
+def test_rerun_from_history_gives_the_same_image(page):
+    fill_basics(page, "a yellow star on a green background", seed=21, steps=6)
+    page.click("#generate")
+    first_src = wait_for_result(page)
+    first = result_pixels(page)
+    page.click(".tabs button[data-view=history]")
+    item = page.locator("#history-list li", has_text="a yellow star on a green background").first
+    item.wait_for()
+    shot(page, "history")
+    item.locator("button.rerun").click()
+    wait_for_result(page, first_src)
+    assert page.locator("#view-generate").is_visible()
+    assert "Seed: 21" in page.inner_text("#infotext")
+    assert (result_pixels(page) == first).all()
+
+
+def test_drop_a1111_png_loads_its_parameters(page):
+    text = "a cat in a hat\nNegative prompt: ugly\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 42, Size: 64x64"
+    file = png_file(Image.new("RGB", (64, 64), (90, 90, 90)), {"parameters": text})
+    page.click(".tabs button[data-view=pnginfo]")
+    page.evaluate("""([bytes, name]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+        document.querySelector("#png-drop").dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+    }""", [list(file["buffer"]), file["name"]])
+    page.wait_for_function("() => !document.querySelector('#png-load').disabled")
+    assert "Steps: 12" in page.inner_text("#png-text")
+    page.click("#png-load")
+    assert page.input_value("#prompt") == "a cat in a hat"
+    assert page.input_value("#negative_prompt") == "ugly"
+    assert page.input_value("#steps") == "12" and page.input_value("#seed") == "42"
+    assert page.input_value("#sampler") == "Euler a" and page.input_value("#cfg_scale") == "5"
+    assert page.input_value("#width") == "64"
+
+
+def test_phone_width_has_no_sideways_scroll(browser, server):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, base_url=server, is_mobile=True)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#generate").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "phone")
+    context.close()
+
+
+def test_controlnet_unit_preview_and_generate(page):
+    edges = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(edges).rectangle((6, 6, 30, 30), fill="white")  # a square in the top-left corner
+    page.click("#control-section summary")
+    page.click("#control-add")
+    page.set_input_files(".unit input[type=file]", png_file(edges))
+    page.select_option(".unit select >> nth=1", "canny")
+    page.click(".unit >> text=Preview preprocessor")
+    page.wait_for_selector(".unit img[alt='preprocessor output']:not([hidden])")
+    fill_basics(page, "a red square on a blue background", seed=4)
+    page.click("#generate")
+    wait_for_result(page)
+    assert 'ControlNet 0: "Module: canny, Model: demo-canny' in page.inner_text("#infotext")
+    red = (lambda p: (p[..., 0] > 150) & (p[..., 2] < 100))(result_pixels(page))
+    assert red[:32, :32].sum() > 3 * red[32:, 32:].sum()  # the square is where the edge map put it
+
+
+def test_outpaint_then_upscale(page):
+    page.click("button[data-mode=outpaint]")
+    page.set_input_files("#init-file", png_file(draw(ShapeSpec("square", "red", "blue", "large", (1, 1)), 64)))
+    page.fill("#out-right", "64")
+    fill_basics(page, "a red square on a blue background", seed=3)
+    page.click("#generate")
+    first = wait_for_result(page)
+    assert result_pixels(page).shape == (64, 128, 3) and "Masked content" in page.inner_text("#infotext")
+    page.click("#send-img2img")
+    page.click("button[data-mode=upscale]")
+    page.fill("#up-scale", "2")
+    page.click("#generate")
+    wait_for_result(page, first)
+    assert "Postprocess upscale by: 2" in page.inner_text("#infotext")
+
+
+def test_xyz_plot_and_denoising_capture(page):
+    fill_basics(page, "a green circle on a red background", seed=8, steps=4)
+    page.click("details.section:last-of-type summary")
+    page.fill("#capture_every", "2")
+    page.click("#generate")
+    wait_for_result(page)
+    page.click("#show-capture")
+    page.wait_for_selector("#capture:not([hidden])")
+    assert page.inner_text("#capture-label") == "step 4 of 4"
+    page.fill("#capture-step", "0")
+    page.dispatch_event("#capture-step", "input")
+    assert page.inner_text("#capture-label") == "step 2 of 4"
+    page.keyboard.press("Escape")
+    page.click(".tabs button[data-view=xyz]")
+    page.fill("#xyz-x", "banana")
+    page.click("#xyz-run")
+    sync_api.expect(page.locator("[data-error-for~=x]")).to_contain_text("banana")
+    page.fill("#xyz-x", "3,7")
+    page.select_option("#view-xyz .axis[data-for=y] .axis-name", "steps")
+    page.fill("#xyz-y", "2,4")
+    page.press("#xyz-y", "Control+Enter")
+    page.wait_for_selector("#xyz-grid:not([hidden])", timeout=60_000)
+    grid = page.request.get(page.get_attribute("#xyz-grid", "src")).body()
+    width, height = Image.open(io.BytesIO(grid)).size
+    assert width > 2 * 64 and height > 2 * 64  # two columns and two rows of 64 px images, plus labels
+    shot(page, "xyz")
