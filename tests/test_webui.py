@@ -168,6 +168,10 @@ def test_cancel_a_running_job(page, server):
     page.click("#generate")
     page.wait_for_function("() => /\\d+%/.test(document.querySelector('#progress-text').textContent) &&"
                            " !document.querySelector('#cancel').disabled", timeout=60_000)
+    page.click("#queue")  # the queue lists the running job
+    sync_api.expect(page.locator("#queue-list li").first).to_contain_text("a blue triangle on a red background")
+    sync_api.expect(page.locator("#queue-list li").first).to_contain_text("running")
+    page.keyboard.press("Escape")
     page.click("#cancel")
     page.wait_for_function("() => document.querySelector('#form-error').textContent.includes('cancelled')",
                            timeout=60_000)

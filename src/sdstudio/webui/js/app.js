@@ -31,6 +31,18 @@ function fillPickers(catalog) {
   }
 }
 
+// The server's defaults (Settings page; A1111's options): the model, VAE and clip skip this page starts with.
+async function applyServerDefaults(catalog) {
+  try {
+    const options = await api.get("/sdapi/v1/options");
+    const name = String(options.sd_model_checkpoint || "").replace(/ \[[0-9a-f]+\]$/, "");  // "title [hash]"
+    const model = catalog.models.find((m) => m.title === options.sd_model_checkpoint || m.name === name);
+    if (model) $("#model").value = model.name;
+    if (catalog.vaes.includes(options.sd_vae)) $("#vae").value = options.sd_vae;
+    if (options.CLIP_stop_at_last_layers) $("#clip_skip").value = options.CLIP_stop_at_last_layers;
+  } catch { /* the catalog's defaults stay */ }
+}
+
 async function main() {
   const prefs = loadPrefs();
   let catalog;
@@ -60,7 +72,8 @@ async function main() {
     if ($("#view-xyz").classList.contains("active")) xyz.run();
     else { showView("generate"); studio.run(); }
   });
-  watchQueue($("#queue"));
+  watchQueue($("#queue"), history);
+  await applyServerDefaults(catalog);
   document.body.dataset.ready = "true";  // the page is wired (browser tests wait for this)
 }
 

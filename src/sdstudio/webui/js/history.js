@@ -42,7 +42,8 @@ export class History {
       ? el("img", { src: r.images[0], alt: "", onclick: () => this.viewer.open(this.result(job, 0)) })
       : el("span");
     const when = new Date(job.created * 1000).toLocaleString();
-    const sub = [job.kind === "xyz" ? "X/Y/Z plot" : job.kind.replace(/^sdapi-/, "API "), job.status, when, r ? `${r.images.length} image(s), ${formatSeconds(r.seconds)}` : "",
+    const status = job.status === "queued" && job.position ? `queued (#${job.position})` : job.status;
+    const sub = [job.kind === "xyz" ? "X/Y/Z plot" : job.kind.replace(/^sdapi-/, "API "), status, when, r ? `${r.images.length} image(s), ${formatSeconds(r.seconds)}` : "",
       job.error || ""].filter(Boolean).join(" · ");
     const buttons = [];
     if (r && r.images.length) {
@@ -50,7 +51,10 @@ export class History {
       buttons.push(el("button", { type: "button", onclick: () => this.load(job) }, "Load"));
     }
     if (["queued", "running"].includes(job.status)) {
-      buttons.push(el("button", { type: "button", onclick: async () => { await api.post(`/api/v1/jobs/${job.id}/cancel`); this.refresh(); } }, "Cancel"));
+      buttons.push(el("button", { type: "button", class: "cancel", onclick: async () => {
+        await api.post(`/api/v1/jobs/${job.id}/cancel`);
+        this.refresh();
+      } }, "Cancel"));
     }
     return el("li", { "data-job": job.id },
       thumb,
@@ -78,18 +82,26 @@ export class History {
   }
 }
 
-// The header's queue count: jobs waiting or running, polled while the page is open.
-export function watchQueue(node) {
+// The header's queue button: how many jobs wait or run (polled while the page is open); it opens the list.
+export function watchQueue(button, history) {
+  let active = [];
   const update = async () => {
     try {
-      const [queued, running] = await Promise.all([api.get("/api/v1/jobs?status=queued&limit=1"),
-        api.get("/api/v1/jobs?status=running&limit=1")]);
-      node.textContent = `queue: ${queued.total + running.total}`;
-      node.title = `${running.total} running, ${queued.total} waiting`;
+      const [running, queued] = await Promise.all([api.get("/api/v1/jobs?status=running&limit=100"),
+        api.get("/api/v1/jobs?status=queued&limit=100")]);
+      active = [...running.jobs, ...queued.jobs.reverse()];  // running first, then in queue order
+      button.textContent = `queue: ${running.total + queued.total}`;
+      button.title = `${running.total} running, ${queued.total} waiting`;
+      if ($("#queue-dialog").open) render();
     } catch {
-      node.textContent = "queue: ?";
+      button.textContent = "queue: ?";
     }
   };
+  const render = () => {
+    $("#queue-list").replaceChildren(...(active.length ? active.map((job) => history.item(job))
+      : [el("li", {}, el("span"), el("span", { class: "hint" }, "Nothing is waiting or running."))]));
+  };
+  button.addEventListener("click", () => { render(); $("#queue-dialog").showModal(); });
   update();
   return setInterval(update, 2000);
 }
