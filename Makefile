@@ -21,7 +21,7 @@ run: setup
 	$(BIN)/sdstudio txt2img "a red circle on a blue background"
 
 lint: setup
-	$(BIN)/ruff check src tests scripts examples
+	$(BIN)/ruff check src tests scripts examples bench
 
 browser:
 	./scripts/install_browser.sh

@@ -79,13 +79,17 @@ def setup(
                                      envvar="SDSTUDIO_OFFLOAD")] = "none",
     vae_tiling: Annotated[str, typer.Option(help="auto, on or off: tiled VAE for large images.",
                                         envvar="SDSTUDIO_VAE_TILING")] = "auto",
+    compile: Annotated[str, typer.Option(help="none, unet or unet+vae: torch.compile (slow first image; pays off "
+                                         "over many images).", envvar="SDSTUDIO_COMPILE")] = "none",
+    compile_mode: Annotated[str, typer.Option(help="default, reduce-overhead (CUDA graphs) or max-autotune.",
+                                              envvar="SDSTUDIO_COMPILE_MODE")] = "default",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the engine does.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                       callback=lambda v: _print_version(v))] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     ctx.obj = {"device": device, "dtype": dtype, "prediction": prediction, "offload": offload,
-               "vae_tiling": vae_tiling}
+               "vae_tiling": vae_tiling, "compile": compile, "compile_mode": compile_mode}
 
 
 def _print_version(requested: bool) -> None:

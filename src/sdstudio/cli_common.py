@@ -24,7 +24,8 @@ def settings_from(options: dict[str, str | None], out: Path | None = None) -> Se
         settings = Settings.from_env(device=device, dtype=resolve_dtype(options["dtype"] or "auto", device))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
-    changes = {k: options[k] for k in ("prediction", "offload", "vae_tiling") if options.get(k)}
+    changes = {k: options[k] for k in ("prediction", "offload", "vae_tiling", "compile", "compile_mode")
+               if options.get(k)}
     try:
         settings = replace(settings, **changes)
     except ValueError as e:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from sdstudio.models.speed import COMPILE_MODES, COMPILE_TARGETS
+
 PACKAGED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
 DEMO_MODEL = "demo"
 
@@ -70,12 +72,16 @@ class Settings:
     hf_cache: Path | None = None     # the Hugging Face hub cache (diffusers folders downloaded earlier)
     offload: str = "none"            # none | model | sequential: CPU offload for small GPUs
     vae_tiling: str = "auto"         # auto (images over 4x the native area, or when offloading) | on | off
+    channels_last: bool = True       # UNet convolutions in NHWC order (models/speed.py)
+    compile: str = "none"            # none | unet | unet+vae: torch.compile, for long sessions (models/speed.py)
+    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
     models_in_memory: int = 1        # loaded models kept (LRU) ...
     memory_budget_gb: float | None = None  # ... and at most this many GB of weights
     limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         for name, allowed in (("offload", ("none", "model", "sequential")), ("vae_tiling", ("auto", "on", "off")),
+                              ("compile", COMPILE_TARGETS), ("compile_mode", COMPILE_MODES),
                               ("prediction", (None, "epsilon", "v_prediction"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
@@ -94,7 +100,8 @@ class Settings:
         SDSTUDIO_MODELS (extra model folders, os.pathsep-separated), SDSTUDIO_MODEL (default: the
         bundled demo model), SDSTUDIO_DEVICE (auto), SDSTUDIO_DTYPE (auto), SDSTUDIO_A1111 and
         SDSTUDIO_COMFYUI (existing installs), HF_HUB_CACHE / HF_HOME (the Hugging Face cache),
-        SDSTUDIO_OFFLOAD, SDSTUDIO_VAE_TILING, SDSTUDIO_MODELS_IN_MEMORY, SDSTUDIO_MEMORY_BUDGET_GB. Models
+        SDSTUDIO_OFFLOAD, SDSTUDIO_VAE_TILING, SDSTUDIO_CHANNELS_LAST (1/0), SDSTUDIO_COMPILE,
+        SDSTUDIO_COMPILE_MODE, SDSTUDIO_MODELS_IN_MEMORY, SDSTUDIO_MEMORY_BUDGET_GB. Models
         are looked up in <home>/models, the SDSTUDIO_MODELS folders, the bundled models, then the
         A1111, ComfyUI and Hugging Face folders.
         """
@@ -114,6 +121,9 @@ class Settings:
             hf_cache=_hf_cache(env),
             offload=env.get("SDSTUDIO_OFFLOAD", "none"),
             vae_tiling=env.get("SDSTUDIO_VAE_TILING", "auto"),
+            channels_last=env.get("SDSTUDIO_CHANNELS_LAST", "1") not in ("0", "false", "off"),
+            compile=env.get("SDSTUDIO_COMPILE", "none"),
+            compile_mode=env.get("SDSTUDIO_COMPILE_MODE", "default"),
             models_in_memory=int(env.get("SDSTUDIO_MODELS_IN_MEMORY", "1")),
             memory_budget_gb=float(env["SDSTUDIO_MEMORY_BUDGET_GB"]) if env.get("SDSTUDIO_MEMORY_BUDGET_GB") else None,
         )

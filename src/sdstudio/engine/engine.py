@@ -26,6 +26,7 @@ from sdstudio.models.catalog import ModelRef
 from sdstudio.models.controlnet import ControlNetCache, find_controlnet
 from sdstudio.models.hashing import HashCache
 from sdstudio.models.loader import LoadedModel, LoadOptions, ModelManager
+from sdstudio.models.speed import SpeedOptions
 from sdstudio.models.vae import VaeCache, find_vae
 from sdstudio.settings import Settings
 
@@ -37,7 +38,9 @@ class Engine:
 
     def __init__(self, settings: Settings, models: ModelManager | None = None):
         self.settings = settings
-        options = LoadOptions(settings.device, settings.dtype, prediction=settings.prediction, offload=settings.offload)
+        speed = SpeedOptions(settings.channels_last, settings.compile, settings.compile_mode)
+        options = LoadOptions(settings.device, settings.dtype, prediction=settings.prediction, offload=settings.offload,
+                              speed=speed)
         budget = int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None
         self.folders = catalog.model_folders(settings)
         self.models = models or ModelManager(options, HashCache(settings.cache_dir / "hashes.json"),

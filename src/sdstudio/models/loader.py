@@ -21,6 +21,7 @@ from sdstudio.models.families import FAMILY_INFO
 from sdstudio.models.hashing import HashCache, short_hash
 from sdstudio.models.ldm_layout import pipeline_options, read_family_from_folder
 from sdstudio.models.memory import module_bytes, place
+from sdstudio.models.speed import SpeedOptions, apply_speed
 from sdstudio.models.text_encoders import TextEncoders
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class LoadOptions:
     family: str | None = None       # skip detection
     config: Path | None = None      # a diffusers folder to take configs/tokenizers from
     offload: str = "none"           # none | model | sequential (see models/memory.py)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)  # channels_last, torch.compile (models/speed.py)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -125,6 +127,7 @@ def load_model(ref: ModelRef, options: LoadOptions, hashes: HashCache,
         if next(module.parameters()).dtype != dtype:
             module.to(dtype=dtype)
         module.eval().requires_grad_(False)
+    apply_speed(parts.unet, parts.vae, options.speed)
     offload = place(modules, options.device, options.offload)
     return LoadedModel(ref, hashes.model_sha256(ref.path), parts.family, parts.text, parts.unet, parts.vae,
                        parts.scheduler_config, options.device, options.dtype, parts.options, offload)
