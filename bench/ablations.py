@@ -1,13 +1,15 @@
 """Each optimisation on its own, before and after, on the CPU (or the device given).
 
-    python bench/ablations.py [--model demo|mid] [--repeats 10] [--threads 2] [--device cpu] [--skip-compile]
+    python bench/ablations.py [--model demo|mid|sd15] [--repeats 10] [--threads 2] [--device cpu] [--skip-compile]
+                              [--sections unet,engine,tiling] [--tiling-size 1024]
 
 UNet level (one call with CFG's doubled batch, median of --repeats, after a warm-up): SDPA against
 diffusers' classic attention, channels_last, bfloat16, one batched CFG call against two batch-1 calls,
 torch.compile (its compile time too). The UNet's FLOPs per call are counted (torch.utils.flop_counter) to
 give the achieved rate. Engine level: the same request with a progress callback that never asks for a
 preview against one that renders it every step, and a new prompt against a repeated one (the prompt-encoding
-cache). `mid` and `sd15` are random-weight SD architectures (bench/architectures.py).
+cache). Tiling: one VAE decode at --tiling-size with and without diffusers' tiling, time and peak memory.
+`mid` and `sd15` are random-weight SD architectures (bench/architectures.py).
 Not a test: run it by hand; numbers go to docs/benchmarks.md.
 """
 
@@ -104,6 +106,28 @@ def engine_ablations(folder: Path, size: int, home: Path, device: torch.device, 
           f"({(fresh - repeated) * 1e3:.1f} ms saved per job)")
 
 
+def vae_tiling(folder: Path, size: int, device: torch.device) -> None:
+    """Decode latents of a size x size image with and without diffusers' VAE tiling: time and peak memory."""
+    from diffusers import AutoencoderKL
+
+    from compare import Memory
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval().to(device)
+    vae.to(memory_format=torch.channels_last)
+    z = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=device)
+    memory = Memory(device)
+    print(f"\nVAE decode to {size}x{size}:")
+    for tiled in (False, True):
+        vae.enable_tiling() if tiled else vae.disable_tiling()
+        with torch.inference_mode():
+            before = memory.reset()
+            start = time.perf_counter()
+            vae.decode(z)
+            peak = memory.peak()
+        print(f"  {'tiled' if tiled else 'whole':6} {time.perf_counter() - start:7.2f} s, "
+              f"peak {peak / 2**20:6.0f} MiB ({(peak - before) / 2**20:+.0f} MiB during the decode)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("demo", "mid", "sd15"), default="demo")
@@ -111,6 +135,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--sections", default="unet,engine", help="any of unet, engine, tiling")
+    parser.add_argument("--tiling-size", type=int, default=1024, help="the image size the tiling section decodes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -118,8 +144,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, size = (PACKAGED_MODELS / "demo", 64) if args.model == "demo" else \
             (build(args.model, Path(tmp) / "models" / args.model), NATIVE_SIZE[args.model])
-        unet_ablations(folder, size, args.repeats, device, not args.skip_compile)
-        engine_ablations(folder, size, Path(tmp) / "home", device, args.repeats)
+        sections = args.sections.split(",")
+        if "unet" in sections:
+            unet_ablations(folder, size, args.repeats, device, not args.skip_compile)
+        if "engine" in sections:
+            engine_ablations(folder, size, Path(tmp) / "home", device, args.repeats)
+        if "tiling" in sections:
+            vae_tiling(folder, args.tiling_size, device)
 
 
 if __name__ == "__main__":

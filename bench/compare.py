@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import statistics
 import tempfile
@@ -138,8 +139,9 @@ def load_diffusers(case: Case, setup: Setup) -> tuple[object, Callable[..., np.n
     """The pipeline as diffusers' documentation shows it, with the same scheduler as ours."""
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
-    pipe = DiffusionPipeline.from_pretrained(case.folder, dtype=setup.dtype, local_files_only=True,
-                                             safety_checker=None, requires_safety_checker=False)
+    index = json.loads((case.folder / "model_index.json").read_text())
+    no_checker = {} if "XL" in index["_class_name"] else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(case.folder, dtype=setup.dtype, local_files_only=True, **no_checker)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if setup.offload == "model":
