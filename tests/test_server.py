@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +11,7 @@ from PIL import Image
 
 from sdstudio.server.app import create_app
 from sdstudio.server.payload import image_to_b64
+from sdstudio.testing.live import wait_for_job as wait
 from tests.conftest import make_settings, shapes_image
 
 
@@ -20,16 +20,6 @@ def client(tmp_path, tiny_model):
     settings = make_settings(tmp_path / "home", tiny_model.parent, default_model=str(tiny_model))
     with TestClient(create_app(settings, tmp_path / "data")) as c:
         yield c
-
-
-def wait(client, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = client.get(f"/api/v1/jobs/{job_id}").json()
-        if view["status"] in ("done", "failed", "cancelled"):
-            return view
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_submit_returns_at_once_and_the_job_completes(client):

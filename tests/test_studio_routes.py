@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from sdstudio.server.app import create_app
 from sdstudio.server.payload import image_to_b64
 from sdstudio.server.xyz_job import plot_event
 from sdstudio.settings import PACKAGED_MODELS
+from sdstudio.testing.live import wait_for_job as wait
 from tests.conftest import shapes_image
 
 
@@ -34,16 +34,6 @@ def client(tmp_path_factory, tiny_model):
     with TestClient(create_app(settings, home / "data")) as c:
         yield c
     torch.set_num_threads(threads)
-
-
-def wait(client, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = client.get(f"/api/v1/jobs/{job_id}").json()
-        if view["status"] in ("done", "failed", "cancelled"):
-            return view
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def run_job(client, **request) -> dict:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -31,3 +32,14 @@ def live_server(app: FastAPI, timeout: float = 60.0) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_for_job(client: Any, job_id: str, timeout: float = 120.0) -> dict:
+    """Poll GET /api/v1/jobs/{id} (any client with .get: TestClient, httpx) until the job ends; its view."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/api/v1/jobs/{job_id}").json()
+        if view["status"] in ("done", "failed", "cancelled"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s")
