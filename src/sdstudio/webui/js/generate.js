@@ -167,8 +167,14 @@ export class Studio {
     $("#generate").disabled = on;
     $("#cancel").disabled = !on || !jobId;
     $("#progress").hidden = !on;
-    if (on) this.progress({ status: "queued", position: null }, performance.now());
-    else $("#preview").hidden = true;
+    if (!on) {
+      $("#preview").hidden = true;
+    } else if (jobId) {
+      this.progress({ status: "queued", position: null }, performance.now());
+    } else {  // a synchronous call (upscale): no steps to show
+      $("#progress-fill").style.width = "0%";
+      $("#progress-text").textContent = "working…";
+    }
   }
 
   progress(view, started) {
