@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,6 +16,8 @@ from sdstudio.errors import SdStudioError
 
 if TYPE_CHECKING:
     from sdstudio.engine.hooks import ProgressEvent
+
+T = TypeVar("T")
 
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, or a model name.")]
@@ -93,13 +96,7 @@ def run_request(options: dict[str, str], request: GenerationRequest, out: Path |
 
     settings = settings_from(options, out)
     quiet_libraries()
-    with StepProgress() as bar:
-        try:
-            result = Engine(settings).generate(request, progress=bar.on_event)
-        except SdStudioError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+    result = with_progress(lambda bar: Engine(settings).generate(request, progress=bar.on_event))
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}")
     for saved in save_result(result, settings.outputs_dir):
@@ -107,6 +104,17 @@ def run_request(options: dict[str, str], request: GenerationRequest, out: Path |
         if saved.capture_dir:
             typer.echo(str(saved.capture_dir))
     err.print(f"[dim]{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.2f} s[/dim]")
+
+
+def with_progress(call: Callable[[StepProgress], T]) -> T:
+    """`call(bar)` under a progress bar; our errors and Ctrl+C end the command with one line."""
+    with StepProgress() as bar:
+        try:
+            return call(bar)
+        except SdStudioError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
 
 
 class StepProgress:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sdstudio.cli_common import err, fail, quiet_libraries, settings_from
-from sdstudio.cli_generate import Negative, Out, StepProgress, overrides
+from sdstudio.cli_generate import Negative, Out, overrides, with_progress
 from sdstudio.errors import SdStudioError
 from sdstudio.storage.images import open_image
 
@@ -48,13 +48,7 @@ def upscale(ctx: typer.Context,
     request = UpscaleRequest(image=picture, scale=scale, upscaler=upscaler, **model_only)
     settings = settings_from(ctx.obj, out)
     quiet_libraries()
-    with StepProgress() as bar:
-        try:
-            result = Engine(settings).upscale(request, progress=bar.on_event)
-        except SdStudioError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+    result = with_progress(lambda bar: Engine(settings).upscale(request, progress=bar.on_event))
     typer.echo(str(save_upscale(result, settings.outputs_dir)))
     (w, h), (w2, h2) = picture.size, result.image.size
     seed_note = f", seed {result.seed}" if result.seed is not None else ""

@@ -31,6 +31,7 @@ from sdstudio.cli_generate import (
     build_request,
     overrides,
     seed_resize,
+    with_progress,
 )
 from sdstudio.errors import SdStudioError
 
@@ -54,7 +55,7 @@ def xyz(ctx: typer.Context,
         subseed_strength: SubseedStrength = None, seed_resize_from: SeedResize = None) -> None:
     """X/Y/Z plot: vary settings along up to three axes; saves the images and a labelled grid."""
     from sdstudio.engine.engine import Engine
-    from sdstudio.engine.xyz import build_plan, run_xyz, save_xyz
+    from sdstudio.engine.xyz import XYZResult, build_plan, run_xyz, save_xyz
     from sdstudio.storage.images import open_image
 
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
@@ -70,17 +71,15 @@ def xyz(ctx: typer.Context,
     except SdStudioError as e:
         fail(str(e))
     quiet_libraries()
-    with StepProgress() as bar:
+
+    def run(bar: StepProgress) -> XYZResult:
         def on_progress(p) -> None:
             bar.bar.update(bar.task, completed=p.fraction * len(plan.cells), total=len(plan.cells),
                            description=f"cell {p.cell + 1}/{p.cells}")
 
-        try:
-            result = run_xyz(Engine(settings), plan, progress=on_progress)
-        except SdStudioError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        return run_xyz(Engine(settings), plan, progress=on_progress)
+
+    result = with_progress(run)
     saved = save_xyz(result, settings.outputs_dir)
     for cell, images in zip(result.results, saved.cells, strict=True):
         for warning in cell.warnings:
