@@ -19,7 +19,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdstudio import Chain, Engine, GenerationRequest, Settings
-from sdstudio.storage.images import png_info
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                           strict=True), 1):
         image = stage.result.images[0]
         path = args.out / f"{k}-{name}.png"
-        image.image.save(path, pnginfo=png_info({"parameters": image.infotext}))
+        image.save(path)  # with its infotext and record
         paths.append(path)
         how = "already loaded" if stage.reused else "loaded"
         stopped = stage.result.request.denoising_end

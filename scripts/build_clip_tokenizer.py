@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from sdstudio.models.clip_bpe import read_openai_merges, write_tokenizer_files
+from sdstudio.models.load.clip_bpe import read_openai_merges, write_tokenizer_files
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "sdstudio" / "assets" / "clip-tokenizer"
 MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"

@@ -3,7 +3,7 @@
 Single-file checkpoints (the original LDM/SGM key layout) carry weights but no architecture; these folders
 carry the architecture, so `from_single_file(..., config=folder)` / `from_config` work offline.
 Tokenizer folders hold only tokenizer_config.json + special_tokens_map.json: the CLIP BPE files ship once in
-assets/clip-tokenizer and `sdstudio.models.configs.load_tokenizer` joins them.
+assets/clip-tokenizer and `sdstudio.models.load.configs.load_tokenizer` joins them.
 
 Every value is the public checkpoint's own, taken from its Hugging Face repo config files and cross-checked
 against the original inference yaml (v1-inference.yaml, v1-inpainting-inference.yaml,

@@ -102,7 +102,7 @@ def test_bad_input_is_a_422_naming_what_to_fix(api):
 
 
 def test_controlnet_through_alwayson_scripts(api):
-    from sdstudio.engine.preprocess import canny
+    from sdstudio.engine.sd.preprocess import canny
     from sdstudio.train.analyse import analyse
     from sdstudio.train.shapes import ShapeSpec, draw
 

@@ -10,19 +10,29 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody, parse_body
+from sdstudio.a1111.controlnet import controlnet_module
+from sdstudio.a1111.options import A1111Options, error_body, samplers, schedulers, sd_models
+from sdstudio.a1111.responses import a1111_response
+from sdstudio.a1111.translate import to_native_payload
 from sdstudio.errors import RequestError
-from sdstudio.models.catalog import ModelRef
-from sdstudio.server.a1111 import (
-    Img2ImgBody,
-    Txt2ImgBody,
-    a1111_response,
-    controlnet_module,
-    decode_image,
-    parse_body,
-    to_generation_request,
-)
-from sdstudio.server.a1111_options import A1111Options, error_body, samplers, schedulers, sd_models
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.pictures import decode_image
+from sdstudio.server.payload import decode_request
+from sdstudio.storage.results import save_result, saved_entries
 from tests.conftest import shapes_image
+
+
+def to_generation_request(body, options=None):
+    """Our typed request for a body: the native payload the A1111 routes queue, decoded as the worker does."""
+    return decode_request(to_native_payload(body, options))
+
+
+def respond(body, result, folder: Path) -> dict:
+    """The A1111 response built as the route builds it: from the job's record and its stored files."""
+    saved = save_result(result, folder)
+    record = {**saved_entries(result.images, saved, folder), "request": result.request.to_dict()}
+    return a1111_response(body, record, [s.path.read_bytes() for s in saved])
 
 
 def b64(image: Image.Image, data_url: bool = False) -> str:
@@ -82,9 +92,8 @@ def test_hires_fields_and_override_settings():
                            "CLIP_stop_at_last_layers": 2, "samples_format": "png"}))
     options = A1111Options(sd_model_checkpoint="other", sd_vae="my.vae.pt", clip_skip=1)
     req = to_generation_request(body, options)
-    assert (req.enable_hr, req.hr_scale, req.hr_upscaler, req.hr_second_pass_steps) == (
-        True, 1.5, "Latent (bicubic)", 5)
-    assert (req.hr_sampler_name, req.hr_scheduler, req.hr_prompt, req.strength) == ("", "Karras", "sharp", 0.55)
+    assert (req.enable_hr, req.hires.scale, req.hires.upscaler, req.hires.steps) == (True, 1.5, "Latent (bicubic)", 5)
+    assert (req.hires.sampler, req.hires.schedule, req.hires.prompt, req.strength) == ("", "Karras", "sharp", 0.55)
     assert (req.model, req.vae, req.clip_skip) == ("tiny.safetensors [0123456789]", "none", 2)
     plain = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img()), options)
     assert (plain.model, plain.vae, plain.clip_skip) == ("other", "my.vae.pt", 1)
@@ -217,12 +226,12 @@ A1111_INFO_KEYS = {
     "version"}
 
 
-def test_response_shape_on_the_tiny_model(engine):
+def test_response_shape_on_the_tiny_model(engine, tmp_path):
     body = parse_body(Txt2ImgBody, webuiapi_txt2img(
         prompt="a red circle", negative_prompt="blue", seed=7, steps=2, width=64, height=64, batch_size=2,
         sampler_name="DPM++ 2M Karras", styles=["ignored"]))
     result = engine.generate(to_generation_request(body))
-    out = a1111_response(body, result)
+    out = respond(body, result, tmp_path)
     assert set(out) == {"images", "parameters", "info"}
     info = json.loads(out["info"])
     assert set(info) >= A1111_INFO_KEYS
@@ -237,18 +246,18 @@ def test_response_shape_on_the_tiny_model(engine):
         png = Image.open(io.BytesIO(base64.b64decode(encoded)))
         assert png.format == "PNG" and png.size == (64, 64)
         assert png.info["parameters"] == generated.infotext
-    quiet = a1111_response(body.model_copy(update={"send_images": False}), result)
+    quiet = respond(body.model_copy(update={"send_images": False}), result, tmp_path)
     assert quiet["images"] == []
 
 
-def test_img2img_response_echoes_without_pictures(engine):
+def test_img2img_response_echoes_without_pictures(engine, tmp_path):
     body = Img2ImgBody(init_images=[b64(shapes_image(64))], width=64, height=64, steps=2, seed=3,
                        denoising_strength=0.5)
     result = engine.generate(to_generation_request(body))
-    out = a1111_response(body, result)
+    out = respond(body, result, tmp_path)
     assert out["parameters"]["init_images"] is None
     assert json.loads(out["info"])["denoising_strength"] == 0.5
-    kept = a1111_response(body.model_copy(update={"include_init_images": True}), result)
+    kept = respond(body.model_copy(update={"include_init_images": True}), result, tmp_path)
     assert kept["parameters"]["init_images"] == body.init_images
 
 

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from sdstudio import Engine, GenerationRequest
-from sdstudio.engine.infotext import parse_infotext, request_fields
+from sdstudio.a1111.infotext import parse_infotext, request_fields
 from sdstudio.errors import RequestError
 from tests.conftest import make_settings
 from tests.test_lora import kohya_lora

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from sdstudio.errors import ModelError
-from sdstudio.models import catalog
-from sdstudio.models.convert import write_single_file
-from sdstudio.models.hashing import HashCache, sha256_file
-from sdstudio.models.inventory import describe
+from sdstudio.models.find import catalog
+from sdstudio.models.find.hashing import HashCache, sha256_file
+from sdstudio.models.find.inventory import describe
+from sdstudio.models.tools.convert import write_single_file
 from sdstudio.testing.tiny import build_tiny
 from tests.conftest import make_settings
 from tests.test_cli import run
@@ -63,7 +63,7 @@ def test_hashes_are_computed_once(installs, monkeypatch):
     cache_file = installs["root"] / "hashes2.json"
     first = HashCache(cache_file).file_sha256(path)
     calls = []
-    monkeypatch.setattr("sdstudio.models.hashing.sha256_file", lambda p: calls.append(p) or "x")
+    monkeypatch.setattr("sdstudio.models.find.hashing.sha256_file", lambda p: calls.append(p) or "x")
     assert HashCache(cache_file).file_sha256(path) == first and calls == []
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdstudio.engine.output import read_metadata
+from sdstudio.storage.results import read_metadata
 
 from .conftest import shapes_image
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdstudio.errors import ModelError
-from sdstudio.models.configs import FAMILIES, config_dir, load_tokenizer
+from sdstudio.models.load.configs import FAMILIES, config_dir, load_tokenizer
 
 # Published parameter counts of the real models, each checked against a public source:
 # - SD1.5 UNet 859,520,964: diffusers' `ModelMixin.num_parameters` docstring (stable-diffusion-v1-5 unet);

@@ -157,7 +157,7 @@ def test_bad_units_are_clear_errors(setup):
 def test_single_file_controlnet_gives_the_same_image_as_the_folder(setup, tmp_path, layout):
     from safetensors.torch import save_file
 
-    from sdstudio.models.ldm_keys import controlnet_to_ldm
+    from sdstudio.models.tools.ldm_keys import controlnet_to_ldm
 
     engine, model, nets = setup
     state = net(nets, "edges").state_dict()
@@ -179,7 +179,7 @@ def test_single_file_controlnet_gives_the_same_image_as_the_folder(setup, tmp_pa
 def test_img2img_matches_diffusers(setup):
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
-    from sdstudio.engine.stages import encode_image
+    from sdstudio.engine.sd.stages import encode_image
 
     engine, model, nets = setup
     init = shapes_image()
@@ -221,7 +221,7 @@ def test_sdxl_matches_diffusers(tmp_path):
 
 
 def test_cli_controlnet_option(setup, tmp_path):
-    from sdstudio.engine.output import read_metadata
+    from sdstudio.storage.results import read_metadata
     from tests.test_cli import run
 
     _, model, nets = setup

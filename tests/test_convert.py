@@ -13,7 +13,8 @@ from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file, save_file
 
 from sdstudio.errors import ModelError
-from sdstudio.models.convert import (
+from sdstudio.models.load.ldm_layout import has_component
+from sdstudio.models.tools.convert import (
     LDM_LAYOUTS,
     from_ldm,
     meta_model,
@@ -23,7 +24,6 @@ from sdstudio.models.convert import (
     to_ldm,
     write_single_file,
 )
-from sdstudio.models.ldm_layout import has_component
 from sdstudio.testing.tiny import FAMILIES, TE1_WIDTH, TE2_WIDTH, build_tiny
 
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sd1-inpaint": "StableDiffusionInpaintPipeline",

@@ -9,9 +9,9 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from sdstudio import Engine, GenerationRequest, Settings
-from sdstudio.engine.preview import fit_latent_rgb
-from sdstudio.engine.stages import encode_image
-from sdstudio.models import catalog
+from sdstudio.engine.sd.preview import fit_latent_rgb
+from sdstudio.engine.sd.stages import encode_image
+from sdstudio.models.find import catalog
 from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.train.analyse import analyse
 from sdstudio.train.shapes import ShapeSpec, draw

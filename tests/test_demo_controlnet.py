@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sdstudio import Engine, GenerationRequest, Settings
-from sdstudio.engine.preprocess import canny
 from sdstudio.engine.requests import ControlUnit
+from sdstudio.engine.sd.preprocess import canny
 from sdstudio.train.analyse import analyse
 from sdstudio.train.shapes import ShapeSpec, draw
 

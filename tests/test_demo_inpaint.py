@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdstudio import Engine, GenerationRequest, Settings
-from sdstudio.engine.inpaint import MASKED_CONTENT
-from sdstudio.engine.outpaint import Extension, outpaint_request
+from sdstudio.a1111.names import MASKED_CONTENT
+from sdstudio.engine.workflows.outpaint import Extension, outpaint_request
 from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.train.shapes import ShapeSpec, draw
 

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from sdstudio.a1111.extras import addon_params
 from sdstudio.errors import ModelError
-from sdstudio.models.embeddings import (
+from sdstudio.models.addons.embeddings import (
     embedding_from_data,
     embeddings_applied,
     expand_prompt,
     read_embedding,
-    ti_hashes,
     used_embeddings,
 )
 from sdstudio.testing.tiny import build_tiny
@@ -64,7 +64,7 @@ def test_a1111_embedding_expands_changes_encoding_and_is_removed_exactly(sd1, tm
     emb = read_embedding(path)
     assert (emb.name, emb.num_vectors, emb.widths) == ("mystyle", 3, (32,))
     assert emb.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert ti_hashes([emb]) == f"MyStyle: {emb.sha256[:12]}"
+    assert addon_params([], [(emb.stem, emb.short_hash)])["TI hashes"] == f"MyStyle: {emb.sha256[:12]}"
 
     prompt, plain = "a MyStyle cat", "a red cat"
     assert used_embeddings(prompt, [emb]) == [emb]

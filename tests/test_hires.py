@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from sdstudio import Cancelled, CancelToken, GenerationRequest
-from sdstudio.engine.infotext import parse_infotext, request_fields
-from sdstudio.engine.output import read_metadata
+from sdstudio.a1111.infotext import parse_infotext, request_fields
+from sdstudio.engine.pipelines.upscale import upscale_image, upscale_latents
 from sdstudio.engine.record import request_from_record
-from sdstudio.engine.stages import decode_latents, encode_image, to_pil
-from sdstudio.engine.upscale import upscale_image, upscale_latents
+from sdstudio.engine.sd.stages import decode_latents, encode_image, to_pil
 from sdstudio.errors import RequestError
+from sdstudio.storage.results import read_metadata
 from tests.conftest import shapes_image
 from tests.test_cli import run, workdir  # noqa: F401 (a fixture)
 
@@ -77,11 +77,11 @@ def test_infotext_keys_and_round_trip(engine):
     assert params["Denoising strength"] == "0.6"
     assert params["Hires upscale"] == "2" and params["Hires steps"] == "3"
     assert params["Hires upscaler"] == "Latent (bicubic)"  # canonical name
-    assert params["Hires sampler"] == "Euler a" and params["Hires prompt"] == req.hr_prompt
+    assert params["Hires sampler"] == "Euler a" and params["Hires prompt"] == req.hires.prompt
     assert "Hires resize-1" not in params and "Hires negative prompt" not in params
     fields = request_fields(parse_infotext(text))
     assert fields["enable_hr"] is True and fields["hr_second_pass_steps"] == 3 and fields["strength"] == 0.6
-    again = engine.generate(GenerationRequest(**{**fields, "model": None}))
+    again = engine.generate(GenerationRequest.from_flat(**{**fields, "model": None}))
     assert np.array_equal(pixels(again.images[0].image), pixels(result.images[1].image))
     from_record = engine.generate(GenerationRequest.from_dict({**request_from_record(result.images[1].record),
                                                                "model": None}))
@@ -89,10 +89,10 @@ def test_infotext_keys_and_round_trip(engine):
 
 
 def test_infotext_of_an_explicit_resize_and_defaults():
-    from sdstudio.engine.infotext import generation_params
+    from sdstudio.a1111.infotext import generation_params
 
     req = hires(hr_resize_x=96, seed=1, model="m")
-    params = generation_params(req, 1, "abc", "0")
+    params = generation_params(req.to_dict(), 1, "abc", "0")
     assert params["Hires resize"] == "96x0" and params["Hires upscale"] is None
     assert params["Hires steps"] is None and params["Hires sampler"] is None and params["Hires prompt"] is None
     assert params["Denoising strength"] == 0.75 and params["Hires upscaler"] == "Latent"

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from sdstudio import GenerationRequest
-from sdstudio.engine.infotext import format_infotext, generation_params, parse_infotext, request_fields
-from sdstudio.engine.output import read_metadata, save_result
+from sdstudio.a1111.infotext import format_infotext, generation_params, parse_infotext, request_fields
+from sdstudio.engine.record import image_fields
+from sdstudio.storage.results import read_metadata, save_result
 
 A1111_SAMPLE = """masterpiece, best quality, 1girl, (red hair:1.2), looking at viewer
 Negative prompt: EasyNegative, lowres, bad anatomy
@@ -38,9 +39,10 @@ def test_write_parse_round_trip_gives_the_same_request():
     req = GenerationRequest(prompt="line one, with comma\nline two", negative_prompt="ugly\nworse", width=640,
                             height=448, steps=33, cfg_scale=5.5, sampler="DPM++ SDE", schedule="Exponential",
                             seed=987654321, model="some model")
-    text = format_infotext(req.prompt, req.negative_prompt, generation_params(req, req.seed, "0123456789", "1"))
+    params = generation_params(req.to_dict(), req.seed, "0123456789", "1")
+    text = format_infotext(req.prompt, req.negative_prompt, params)
     fields = request_fields(parse_infotext(text))
-    assert GenerationRequest(**fields) == req
+    assert GenerationRequest.from_flat(**fields) == req
 
 
 def test_reads_a1111_infotext_with_legacy_sampler_names():
@@ -67,7 +69,7 @@ def test_png_carries_both_chunks_and_reads_back(engine, tmp_path):
     assert meta.record["image"] == {"index": 1, "seed": 10}
     assert meta.record["environment"]["torch"].startswith("2.13.0")
     assert meta.record["sampler"]["config"]["_class_name"] == "DPMSolverMultistepScheduler"
-    fields = meta.request_fields()
+    fields = image_fields(meta)
     assert (fields["seed"], fields["batch_size"], fields["prompt"]) == (10, 1, "a blue square")
 
 

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image, ImageDraw
 
 from sdstudio import Engine, GenerationRequest
-from sdstudio.engine.inpaint import inpaint_inputs
+from sdstudio.engine.sd.inpaint import inpaint_inputs
 from sdstudio.errors import RequestError
 from sdstudio.testing.tiny import build_tiny
 from tests.conftest import make_settings, shapes_image
@@ -94,7 +94,7 @@ def test_cli_inpaint(tmp_path, models):
     assert proc.returncode == 0, proc.stderr
     saved = proc.stdout.split()[0]
     assert "img2img-images" in saved
-    from sdstudio.engine.output import read_metadata
+    from sdstudio.storage.results import read_metadata
 
     meta = read_metadata(tmp_path / saved)
     assert "Mask blur: 2" in meta.infotext and meta.record["request"]["mode"] == "inpaint"
@@ -121,7 +121,7 @@ def test_masked_content_changes_only_where_the_mask_is(tmp_path, models, content
 
 
 def test_fill_spreads_the_surrounding_colours():
-    from sdstudio.engine.inpaint import fill_masked
+    from sdstudio.engine.sd.inpaint import fill_masked
 
     image = Image.new("RGB", (64, 64), (30, 60, 200))
     ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill=(255, 0, 0))

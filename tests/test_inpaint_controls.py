@@ -8,10 +8,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdstudio import Engine, GenerationRequest
-from sdstudio.engine import canvas
-from sdstudio.engine.infotext import parse_infotext, request_fields
-from sdstudio.engine.inpaint import soft_blend_fn
-from sdstudio.engine.outpaint import Extension, extend_canvas, outpaint_request
+from sdstudio.a1111.infotext import parse_infotext, request_fields
+from sdstudio.engine.sd import canvas
+from sdstudio.engine.sd.inpaint import soft_blend_fn
+from sdstudio.engine.workflows.outpaint import Extension, extend_canvas, outpaint_request
 from sdstudio.errors import RequestError
 from sdstudio.testing.tiny import build_tiny
 from tests.conftest import make_settings, shapes_image

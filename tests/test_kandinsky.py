@@ -15,13 +15,14 @@ from PIL import Image, ImageDraw
 from sdstudio import Engine
 from sdstudio.engine import requests as requests_module
 from sdstudio.engine.hooks import CancelToken, ProgressEvent
-from sdstudio.engine.kandinsky import KandinskyOptions, find_kandinsky, plain_prompts
-from sdstudio.engine.output import read_metadata, save_result
+from sdstudio.engine.pipelines.kandinsky import KandinskyOptions, plain_prompts
+from sdstudio.engine.record import image_fields
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.errors import Cancelled, ModelError, RequestError
-from sdstudio.models.catalog import ModelRef
-from sdstudio.models.inventory import family_label, family_of
-from sdstudio.models.kandinsky import find_layout, is_kandinsky_folder
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.inventory import family_label, family_of
+from sdstudio.models.load.kandinsky import find_layout, is_kandinsky_folder
+from sdstudio.storage.results import read_metadata, save_result
 from sdstudio.testing.tiny_kandinsky import (
     build_tiny_decoder,
     build_tiny_kandinsky,
@@ -67,7 +68,8 @@ def txt2img(engine) -> tuple[GenerationResult, list[ProgressEvent]]:
 
 
 def request(**fields) -> GenerationRequest:
-    return GenerationRequest(**{"prompt": "a red disc", "steps": 2, "width": 64, "height": 64, "seed": 7, **fields})
+    base = {"prompt": "a red disc", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    return GenerationRequest.from_flat(**{**base, **fields})
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -171,9 +173,9 @@ def test_saved_image_reproduces_from_its_record(engine, tmp_path):
     result = engine.generate(request(seed=11, n_iter=2))
     assert result.seeds == [11, 12]
     saved = save_result(result, tmp_path)
-    fields = read_metadata(saved[1].path).request_fields()
+    fields = image_fields(read_metadata(saved[1].path))
     assert fields["sampler"] == "DDPM" and fields["seed"] == 12 and fields["n_iter"] == 1
-    again = engine.generate(GenerationRequest(**fields))
+    again = engine.generate(GenerationRequest.from_flat(**fields))
     assert np.array_equal(pixels(again.images[0].image), pixels(result.images[1].image))
 
 
@@ -272,17 +274,13 @@ def test_layouts(tmp_path, kandinsky_root):
                         "kandinsky-2-2-prior": "Kandinsky 2.2 prior (choose its decoder)"}
 
 
-def test_find_kandinsky_leaves_other_models_to_the_sd_path(tmp_path, kandinsky_root):
+def test_the_family_registry_leaves_other_models_to_the_sd_runner(engine, tmp_path, kandinsky_root):
     sd = _index(tmp_path / "sd", "StableDiffusionPipeline", "PNDMScheduler")
-
-    def resolve(name):
-        if name is None:
-            raise ModelError("no model")
-        return ModelRef(Path(name).name, Path(name))
-
-    assert find_kandinsky(resolve, None) is None
-    assert find_kandinsky(resolve, str(sd)) is None
-    assert find_kandinsky(resolve, str(kandinsky_root / "kandinsky-2-2")).name == "kandinsky-2-2"
+    families = engine.families
+    assert families.for_model(None).name == "sd"  # an unknown name: the SD runner reports it
+    assert families.for_model(ModelRef("sd", sd)).name == "sd"
+    assert families.for_model(ModelRef("k", kandinsky_root / "kandinsky-2-2")).name == "kandinsky"
+    assert engine.prepare(GenerationRequest(prompt="a cat", model="kandinsky-2-2")).family == "kandinsky"
 
 
 def test_combined_folder(engine, tmp_path):

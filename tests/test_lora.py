@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdstudio.errors import ModelError
-from sdstudio.models.lora import apply_loras, check_loras, lora_from_state_dict, loras_applied, read_lora
+from sdstudio.models.addons.lora import apply_loras, check_loras, lora_from_state_dict, loras_applied, read_lora
 from sdstudio.testing.tiny import build_tiny
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"       # Linear (32, 32)
@@ -162,7 +162,7 @@ def test_report_counts_dropped_keys_and_reasons(sd1, caplog):
     loha = "lora_unet_" + CONV1.replace("conv1", "conv2").replace(".", "_")
     sd |= {f"{loha}.{k}": torch.zeros(4, 4) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
     sd |= {f"{loha}.alpha": torch.tensor(1.0)}
-    with caplog.at_level(logging.WARNING, logger="sdstudio.models.lora"):
+    with caplog.at_level(logging.WARNING, logger="sdstudio.models.addons.lora"):
         report = check_loras(unet, [te], [(lora_from_state_dict("mixed", sd), 1.0)]).files[0]
     assert (report.total_keys, report.matched_keys, len(report.matched_modules)) == (24, 15, 5)
     reasons = report.dropped_reasons()

@@ -8,10 +8,11 @@ from dataclasses import replace
 import torch
 
 from sdstudio import Engine, GenerationRequest
-from sdstudio.models.catalog import ModelRef
-from sdstudio.models.hashing import HashCache
-from sdstudio.models.loader import LoadOptions, ModelManager
-from sdstudio.models.memory import module_bytes
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.load.loader import ModelManager
+from sdstudio.models.load.memory import module_bytes
+from sdstudio.models.load.parts import LoadOptions
 from sdstudio.testing.tiny import tiny_vae
 from tests.conftest import make_settings
 

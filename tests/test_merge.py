@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdstudio.errors import ModelError
-from sdstudio.models.checkpoint_io import read_state_dict
-from sdstudio.models.merge import (
+from sdstudio.models.load.checkpoint_io import read_state_dict
+from sdstudio.models.tools.merge import (
     MergeRecipe,
     compute_recipe,
     merge_files,

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from sdstudio import GenerationRequest
-from sdstudio.engine.stages import encode_image
+from sdstudio.engine.sd.stages import encode_image
 
 SAMPLERS = [("Euler", "Automatic"), ("DDIM", "Automatic"), ("DPM++ 2M", "Karras"), ("UniPC", "Automatic")]
 LATENT_TOL = 1e-4  # max |ours - diffusers| on final latents; measured ~1e-6

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdstudio import GenerationRequest
-from sdstudio.engine.loop import Plan, denoise
+from sdstudio.engine.sd.loop import Plan, denoise
 from sdstudio.errors import RequestError
 from sdstudio.prompts.conditioning import GuidedConditioning, StaticCond, TextConditioning
 from sdstudio.prompts.encode import PromptEncoder, emphasis

@@ -13,8 +13,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from PIL import Image
 
 from sdstudio import Chain, Engine, GenerationRequest
-from sdstudio.engine.infotext import parse_infotext
-from sdstudio.engine.stages import encode_image
+from sdstudio.a1111.infotext import parse_infotext
+from sdstudio.engine.sd.stages import encode_image
 from sdstudio.errors import RequestError
 from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.testing.tiny import build_tiny

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdstudio import GenerationRequest
-from sdstudio.engine.output import save_result
+from sdstudio.storage.results import save_result
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -62,7 +62,7 @@ def test_repeated_runs_write_identical_files(engine, tmp_path):
 
 def test_noise_is_drawn_from_a_cpu_generator_per_image(engine):
     """Image i starts from randn((1, C, h, w), generator=Generator('cpu').manual_seed(s + i))."""
-    from sdstudio.engine.stages import initial_noise, make_generators
+    from sdstudio.engine.sd.stages import initial_noise, make_generators
 
     noise = initial_noise(make_generators([3, 4]), (4, 8, 8), torch.device("cpu"), torch.float32)
     expected = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(4))

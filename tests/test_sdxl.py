@@ -77,7 +77,7 @@ def test_refiner_img2img_matches_diffusers(xl, init_image):
                                             scheduler=scheduler_from(result), requires_aesthetics_score=True,
                                             add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    from sdstudio.engine.stages import encode_image
+    from sdstudio.engine.sd.stages import encode_image
 
     init = encode_image(model.vae, init_image, 64, 64, 8)
     ref = pipe(prompt=req.prompt, negative_prompt="ugly", image=init, strength=0.5, num_inference_steps=8,

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sdstudio.pictures import image_to_b64
 from sdstudio.server.app import create_app
-from sdstudio.server.payload import image_to_b64
 from sdstudio.testing.live import wait_for_job as wait
 from tests.conftest import make_settings, shapes_image
 

@@ -12,13 +12,14 @@ from safetensors.torch import save_file
 
 from sdstudio import Engine, GenerationRequest
 from sdstudio.errors import ModelError
-from sdstudio.models.catalog import ModelRef
-from sdstudio.models.configs import config_dir
-from sdstudio.models.convert import from_ldm, meta_model, to_ldm, write_single_file
-from sdstudio.models.families import detect_family
-from sdstudio.models.hashing import HashCache
-from sdstudio.models.ldm_layout import ldm_layout
-from sdstudio.models.loader import LoadOptions, ModelManager, load_model
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.load.configs import config_dir
+from sdstudio.models.load.families import detect_family
+from sdstudio.models.load.ldm_layout import ldm_layout
+from sdstudio.models.load.loader import ModelManager, load_model
+from sdstudio.models.load.parts import LoadOptions
+from sdstudio.models.tools.convert import from_ldm, meta_model, to_ldm, write_single_file
 from sdstudio.testing.tiny import FAMILIES, build_tiny
 from tests.conftest import make_settings
 

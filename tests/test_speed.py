@@ -1,4 +1,4 @@
-"""Speed settings (models/speed.py): channels_last and torch.compile change speed, not images."""
+"""Speed settings (models/load/speed.py): channels_last and torch.compile change speed, not images."""
 
 from __future__ import annotations
 

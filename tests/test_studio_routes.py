@@ -15,9 +15,9 @@ from PIL.PngImagePlugin import PngInfo
 from sdstudio import Settings
 from sdstudio.engine.hooks import ProgressEvent
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
-from sdstudio.engine.xyz import XYZProgress
+from sdstudio.engine.workflows.xyz import XYZProgress
+from sdstudio.pictures import image_to_b64
 from sdstudio.server.app import create_app
-from sdstudio.server.payload import image_to_b64
 from sdstudio.server.xyz_job import plot_event
 from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.testing.live import wait_for_job as wait
@@ -80,7 +80,7 @@ def test_catalog_lists_what_requests_accept(client, tiny_model):
         assert engine.model_ref(name).name == name
     for sampler in cat["samplers"]:
         unit = ControlUnit(cat["controlnets"][0], image=shapes_image(), preprocessor="canny")
-        engine.check(GenerationRequest(model="demo", sampler=sampler, schedule=cat["schedules"][0],
+        engine.prepare(GenerationRequest(model="demo", sampler=sampler, schedule=cat["schedules"][0],
                                        controlnets=(unit,)))
 
 

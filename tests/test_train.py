@@ -107,7 +107,7 @@ def test_bad_training_data_names_the_file(tmp_path, tiny_vae):
 def test_inpainting_variant_widens_the_base_and_trains(tmp_path, shapes_folder, tiny_vae):
     from diffusers import UNet2DConditionModel
 
-    from sdstudio.models.ldm_layout import read_family_from_folder
+    from sdstudio.models.load.ldm_layout import read_family_from_folder
     from sdstudio.train.inpaint import random_masks, widen_conv_in
 
     base = train_sd(sd_config(str(shapes_folder), tmp_path / "base", tiny_vae, steps=2))

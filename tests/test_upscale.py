@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdstudio import Engine
 from sdstudio.engine.hooks import CancelToken
-from sdstudio.engine.upscale import (
+from sdstudio.engine.pipelines.upscale import (
     POSTPROCESS_CHUNK,
     RESAMPLERS,
     UPSCALE_RECORD_CHUNK,

@@ -63,6 +63,6 @@ def test_img2img_size_defaults_to_the_init_image_rounded_to_the_factor(engine):
 def test_strength_zero_returns_the_init_image(engine, init_image):
     result = engine.generate(GenerationRequest(prompt="x", steps=10, seed=1, init_image=init_image, strength=0.0))
     model = engine.load()
-    from sdstudio.engine.stages import encode_image
+    from sdstudio.engine.sd.stages import encode_image
 
     assert (result.latents[0] - encode_image(model.vae, init_image, 64, 64, 8)[0]).abs().max() < 1e-5

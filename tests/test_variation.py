@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from sdstudio.engine.infotext import parse_infotext, request_fields
+from sdstudio.a1111.infotext import parse_infotext, request_fields
 from sdstudio.engine.record import request_from_record
 from sdstudio.engine.requests import GenerationRequest
-from sdstudio.engine.variation import paste_centred, slerp, start_noise
+from sdstudio.engine.sd.variation import paste_centred, slerp, start_noise
 from sdstudio.errors import RequestError
 
 from .test_cli import run
@@ -98,7 +98,7 @@ def test_a_variation_batch_keeps_the_seed_and_counts_the_subseed(engine):
     assert "Variation seed: 41," in batch.images[1].infotext
     alone = engine.generate(req(subseed=41, subseed_strength=0.3))
     assert torch.equal(batch.latents[1:], alone.latents)
-    again = engine.generate(GenerationRequest(**request_from_record(batch.images[1].record)))
+    again = engine.generate(GenerationRequest.from_flat(**request_from_record(batch.images[1].record)))
     assert torch.equal(again.latents, alone.latents)
 
 
@@ -110,7 +110,7 @@ def test_infotext_round_trip(engine):
     fields = request_fields(parse_infotext(text))
     assert {k: fields[k] for k in ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")} == {
         "subseed": 40, "subseed_strength": 0.25, "seed_resize_from_w": 64, "seed_resize_from_h": 64}
-    again = engine.generate(GenerationRequest(**{**fields, "model": None}))
+    again = engine.generate(GenerationRequest.from_flat(**{**fields, "model": None}))
     assert torch.equal(again.latents, result.latents)
 
 

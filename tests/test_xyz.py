@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdstudio.engine.output import read_metadata
 from sdstudio.engine.requests import GenerationRequest
-from sdstudio.engine.xyz import AXIS_KINDS, build_plan, parse_axis, run_xyz
+from sdstudio.engine.workflows.xyz import AXIS_KINDS, build_plan, parse_axis, run_xyz
 from sdstudio.errors import RequestError
+from sdstudio.storage.results import read_metadata
 
 from .test_cli import run
 
@@ -159,6 +159,6 @@ def test_grid_of_different_sizes_centres_each_image(engine):
 
 
 def test_cli_help_names_every_axis():
-    from sdstudio.cli_xyz import AXES
+    from sdstudio.cli.xyz import AXES
 
     assert all(name in AXES for name in AXIS_KINDS)

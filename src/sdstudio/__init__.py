@@ -6,7 +6,8 @@ The Python API::
 
     engine = Engine(Settings.from_env())
     result = engine.generate(GenerationRequest(prompt="a red circle on a blue background", seed=1))
-    result.images[0].image.save("out.png")
+    result.images[0].save("out.png")   # the PNG with its A1111 infotext and sdstudio record
+    result.save("outputs")             # every image, as the CLI lays them out
 
 Names are imported on first use, so that `sdstudio --help` does not pay for importing torch.
 """
@@ -20,7 +21,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 _EXPORTS = {
-    "Chain": "sdstudio.engine.chain",
+    "Chain": "sdstudio.engine.workflows.chain",
     "Engine": "sdstudio.engine.engine",
     "CancelToken": "sdstudio.engine.hooks",
     "ProgressEvent": "sdstudio.engine.hooks",

@@ -1,3 +1,3 @@
-from sdstudio.cli import main
+from sdstudio.cli.app import main
 
 main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sdstudio.models.speed import COMPILE_MODES, COMPILE_TARGETS
+from sdstudio.models.load.speed import COMPILE_MODES, COMPILE_TARGETS
 
 PACKAGED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
 DEMO_MODEL = "demo"
@@ -72,8 +72,8 @@ class Settings:
     hf_cache: Path | None = None     # the Hugging Face hub cache (diffusers folders downloaded earlier)
     offload: str = "none"            # none | model | sequential: CPU offload for small GPUs
     vae_tiling: str = "auto"         # auto (images over 4x the native area, or when offloading) | on | off
-    channels_last: bool = True       # UNet convolutions in NHWC order (models/speed.py)
-    compile: str = "none"            # none | unet | unet+vae: torch.compile, for long sessions (models/speed.py)
+    channels_last: bool = True       # UNet convolutions in NHWC order (models/load/speed.py)
+    compile: str = "none"            # none | unet | unet+vae: torch.compile, for long sessions (models/load/speed.py)
     compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
     models_in_memory: int = 1        # loaded models kept (LRU) ...
     memory_budget_gb: float | None = None  # ... and at most this many GB of weights

@@ -6,14 +6,19 @@ sampler with the exact scheduler config, library versions, device and dtype: eno
 
 from __future__ import annotations
 
+import logging
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from sdstudio.a1111.infotext import parse_infotext, request_fields
 from sdstudio.engine.requests import GenerationRequest
+from sdstudio.storage.results import ImageMetadata
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 RECORD_FORMAT = "sdstudio/1"
 LIBRARIES = ("sdstudio", "torch", "diffusers", "transformers")
@@ -55,3 +60,21 @@ def request_from_record(record: dict[str, Any]) -> dict[str, Any]:
     if fields.get("subseed_strength", 0) > 0:  # a variation: the image's own variation seed (A1111's subseed + k)
         fields["subseed"] += record["image"]["index"]
     return fields
+
+
+def read_fields(meta: ImageMetadata) -> tuple[str | None, dict[str, Any]]:
+    """(source, fields) that reproduce an image: source "sdstudio" (read from our record), "a1111" (from the
+    infotext) or None (the image states no parameters; fields {})."""
+    if meta.record is not None:
+        try:
+            return "sdstudio", request_from_record(meta.record)
+        except (ValueError, KeyError, TypeError) as e:  # a record of another format: fall back to the text
+            log.warning("ignoring the image's sdstudio record: %s", e)
+    if meta.infotext is not None:
+        return "a1111", request_fields(parse_infotext(meta.infotext))
+    return None, {}
+
+
+def image_fields(meta: ImageMetadata) -> dict[str, Any]:
+    """Fields that reproduce the image: from the sdstudio record if present, else the infotext."""
+    return read_fields(meta)[1]

@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
+
+from sdstudio.errors import RequestError
+from sdstudio.storage.results import SavedImage, save_image, save_result
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -16,8 +20,10 @@ DEFAULT_SAMPLER = "DPM++ 2M"
 IMAGES = ("init_image", "mask")  # request fields that hold pictures: recorded by size and pixel hash
 DEFAULT_SCHEDULE = "Automatic"
 TENSORS = ("init_latents",)  # request fields that hold tensors: recorded by shape only
-HIRES_FIELDS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name",
-                "hr_scheduler", "hr_prompt", "hr_negative_prompt")  # meaningful only with enable_hr
+# The native JSON (and the record) keeps the hires fix flat, under the names clients send: key -> HiresFix field
+HIRES_KEYS = {"hr_scale": "scale", "hr_resize_x": "resize_x", "hr_resize_y": "resize_y", "hr_upscaler": "upscaler",
+              "hr_second_pass_steps": "steps", "hr_sampler_name": "sampler", "hr_scheduler": "schedule",
+              "hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt"}
 INPAINT_FIELDS = ("mask_blur", "invert_mask", "masked_content", "inpaint_method", "only_masked",
                   "only_masked_padding", "keep_unmasked", "soft_inpainting")  # meaningful only with a mask
 
@@ -51,6 +57,24 @@ class ControlUnit:
     def from_dict(cls, data: dict[str, Any]) -> ControlUnit:
         names = {f.name for f in dataclasses.fields(cls)} - {"image"}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """Hires fix (A1111's, txt2img only; engine/sd/hires.py): the first pass at width x height is upscaled to
+    resize_x x resize_y (either 0: keep the aspect) or by `scale`, then redrawn by an img2img second pass of
+    `steps` (0: the request's) at the request's `strength` on the same seeds. Empty sampler, schedule, prompt,
+    negative_prompt: the first pass's."""
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = "Latent"  # a latent mode ("Latent", "Latent (bicubic)", ...) or a resampler ("Lanczos", ...)
+    steps: int = 0
+    sampler: str = ""
+    schedule: str = ""
+    prompt: str = ""
+    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,21 +129,8 @@ class GenerationRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units, applied together
-    # Hires fix (A1111's, txt2img only; engine/hires.py): the first pass at width x height, upscaled to
-    # hr_resize_x x hr_resize_y (either 0: keep the aspect) or by hr_scale, then an img2img second pass of
-    # hr_second_pass_steps (0: steps) at `strength` (A1111's denoising_strength) on the same seeds. Empty
-    # hr_sampler_name / hr_scheduler / hr_prompt / hr_negative_prompt: the first pass's.
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_upscaler: str = "Latent"  # a latent mode ("Latent", "Latent (bicubic)", ...) or a resampler ("Lanczos", ...)
-    hr_second_pass_steps: int = 0
-    hr_sampler_name: str = ""
-    hr_scheduler: str = ""
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
-    # Latent handoff (diffusers' SDXL base -> refiner; engine/handoff.py): denoising_end stops the loop at that
+    hires: HiresFix | None = None  # a second, larger pass after the first (txt2img only)
+    # Latent handoff (diffusers' SDXL base -> refiner; engine/sd/handoff.py): denoising_end stops the loop at that
     # fraction of the schedule and returns its latents; denoising_start resumes from `init_latents` there,
     # adding no noise. init_latents alone: img2img from latents (B, C, h, w) instead of an image.
     denoising_end: float | None = None
@@ -136,12 +147,35 @@ class GenerationRequest:
     def total_images(self) -> int:
         return self.batch_size * self.n_iter
 
+    @property
+    def enable_hr(self) -> bool:
+        """The JSON's name for "hires is set"."""
+        return self.hires is not None
+
     def replace(self, **changes: Any) -> GenerationRequest:
-        return dataclasses.replace(self, **changes)
+        """A copy with fields changed; the JSON's flat hires keys (enable_hr, hr_scale, ...) are understood."""
+        return dataclasses.replace(self, **_grouped(changes, self.hires))
+
+    @classmethod
+    def from_flat(cls, **fields: Any) -> GenerationRequest:
+        """A request from the JSON's flat fields (enable_hr, hr_scale, ... beside the rest), pictures included."""
+        return cls(**_grouped(fields, None))
+
+    def flat_fields(self) -> dict[str, Any]:
+        """Every field as the JSON has it: the hires fix flat (its defaults when off), pictures as they are."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name != "hires":
+                out[f.name] = getattr(self, f.name)
+                continue
+            out["enable_hr"] = self.hires is not None
+            hires = self.hires or HiresFix()
+            out.update({key: getattr(hires, name) for key, name in HIRES_KEYS.items()})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the init image is recorded by size and pixel hash, not embedded."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMAGES + TENSORS}
+        out = {k: v for k, v in self.flat_fields().items() if k not in IMAGES + TENSORS}
         out["mode"] = self.mode
         for name in IMAGES:
             image = getattr(self, name)
@@ -152,7 +186,7 @@ class GenerationRequest:
         if self.mode == "txt2img" and not self.enable_hr:
             out.pop("strength")
         if not self.enable_hr:
-            for name in HIRES_FIELDS:
+            for name in HIRES_KEYS:
                 out.pop(name)
         if self.mask is None:
             for name in INPAINT_FIELDS:
@@ -162,7 +196,9 @@ class GenerationRequest:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)} - set(IMAGES) - set(TENSORS)
+        """The JSON's field names (pictures and tensors excepted)."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(IMAGES) - set(TENSORS) - {"hires"}
+        return names | {"enable_hr", *HIRES_KEYS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -173,7 +209,21 @@ class GenerationRequest:
                 fields[name] = tuple(fields[name])
         fields["controlnets"] = tuple(ControlUnit.from_dict(u) if isinstance(u, dict) else u
                                       for u in fields.get("controlnets", ()))
-        return cls(**fields)
+        return cls.from_flat(**fields)
+
+
+def _grouped(fields: dict[str, Any], hires: HiresFix | None) -> dict[str, Any]:
+    """Flat JSON fields with the hires keys gathered into `hires` (a HiresFix when enable_hr, else None);
+    `hires`: the request's current one, which flat keys change."""
+    flat = {HIRES_KEYS[k]: fields[k] for k in fields if k in HIRES_KEYS}
+    if not flat and "enable_hr" not in fields:
+        return fields
+    out = {k: v for k, v in fields.items() if k not in HIRES_KEYS and k != "enable_hr"}
+    enable = fields.get("enable_hr", hires is not None)
+    if not isinstance(enable, bool):
+        raise RequestError(f"enable_hr must be true or false, got {enable!r}", "enable_hr")
+    out["hires"] = dataclasses.replace(hires or HiresFix(), **flat) if enable else None
+    return out
 
 
 def image_sha256(image: Image.Image) -> str:
@@ -204,6 +254,10 @@ class GeneratedImage:
     record: dict[str, Any]    # machine-readable metadata ("sdstudio" PNG chunk)
     capture: Capture | None = None
 
+    def save(self, path: str | Path) -> Path:
+        """This image as a PNG at `path`, with the A1111 infotext and our record, as every door saves it."""
+        return save_image(self, Path(path))
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -217,3 +271,12 @@ class GenerationResult:
     @property
     def seeds(self) -> list[int]:
         return [im.seed for im in self.images]
+
+    @property
+    def mode(self) -> str:
+        return self.request.mode
+
+    def save(self, folder: str | Path) -> list[SavedImage]:
+        """Every image as A1111 lays them out: <folder>/<txt2img|img2img>-images/<date>/NNNNN-<seed>.png, with
+        infotext and record (and the denoising capture beside it); never over an existing file."""
+        return save_result(self, Path(folder))

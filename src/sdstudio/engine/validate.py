@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from PIL import Image
 
-from sdstudio.engine.control import RESIZE_MODES
-from sdstudio.engine.handoff import check_handoff, check_latent_channels, latents_size
-from sdstudio.engine.hires import check_hires, resolve_hires
-from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
-from sdstudio.engine.preprocess import ALL_PREPROCESSORS
-from sdstudio.engine.requests import ControlUnit, GenerationRequest
-from sdstudio.engine.variation import MAX_SEED, check_variation, resolve_variation
+from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
+from sdstudio.engine.requests import HIRES_KEYS, ControlUnit, GenerationRequest, HiresFix
+from sdstudio.engine.sd.control import RESIZE_MODES
+from sdstudio.engine.sd.handoff import check_handoff, check_latent_channels, latents_size
+from sdstudio.engine.sd.hires import check_hires, resolve_hires
+from sdstudio.engine.sd.inpaint import INPAINT_METHODS
+from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
+from sdstudio.engine.sd.variation import MAX_SEED, check_variation, resolve_variation
 from sdstudio.errors import RequestError
-from sdstudio.prompts.build import PROMPT_SYNTAXES, plan_prompts
+from sdstudio.prompts.build import PROMPT_SYNTAXES
 from sdstudio.samplers import SamplerChoice, resolve_sampler, zero_snr_samplers
 from sdstudio.settings import Limits
 
@@ -42,19 +43,26 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepte
 
 
 def check_types(req: GenerationRequest) -> None:
-    """Every plain field holds its declared type (JSON doors can send anything): a clear error otherwise."""
-    for f in dataclasses.fields(req):
+    """Every plain field holds its declared type (JSON doors can send anything): a clear error otherwise.
+    The hires fix's fields are named by the JSON's keys (hr_scale, ...)."""
+    _check_plain_types(req, lambda name: name)
+    if isinstance(req.hires, HiresFix):
+        keys = {ours: key for key, ours in HIRES_KEYS.items()}
+        _check_plain_types(req.hires, keys.__getitem__)
+
+
+def _check_plain_types(obj: object, key: Callable[[str], str]) -> None:
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         if str(f.type) not in _TYPES:
             continue
         allowed, kind = _TYPES[str(f.type)]
-        value = getattr(req, f.name)
+        value = getattr(obj, f.name)
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            raise RequestError(f"{f.name} must be {kind}, got {value!r:.60}", f.name)
+            raise RequestError(f"{key(f.name)} must be {kind}, got {value!r:.60}", key(f.name))
 
 
 def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
-    """Checks that need no model: types, ranges, counts and sampler names."""
-    check_types(req)
+    """Checks that need no model: ranges, counts and sampler names (`check_types` has passed)."""
     check_int(req.steps, "steps", 1, limits.max_steps)
     check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
     check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)
@@ -82,7 +90,6 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
         raise RequestError(f"{req.width}x{req.height} is {req.width * req.height} pixels; the limit is "
                            f"{limits.max_pixels}", "width")
     check_choice(req.prompt_syntax, PROMPT_SYNTAXES, "prompt_syntax")
-    plan_prompts(req.prompt, req.negative_prompt, req.steps, req.prompt_syntax)  # syntax errors, with columns
     check_int(req.clip_skip, "clip_skip", 1, 12)
     if req.mask is not None and req.init_image is None:
         raise RequestError("a mask needs an init image to inpaint", "mask")
@@ -121,10 +128,9 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     return choice
 
 
-def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Limits,
-                    model_name: str) -> tuple[GenerationRequest, SamplerChoice]:
-    """Validate `req` against the model and fill in what it left open (size, seed, model name)."""
-    choice = check_fields(req, limits)
+def resolve_request(req: GenerationRequest, choice: SamplerChoice, geometry: ModelGeometry, limits: Limits,
+                    model_name: str) -> GenerationRequest:
+    """Check a prepared request against the model and fill in what it left open (size, seed, model name)."""
     if req.clip_skip > geometry.text_layers:
         raise RequestError(f"clip_skip must be at most {geometry.text_layers} for this model (its text encoder has "
                            f"{geometry.text_layers} layers), got {req.clip_skip}", "clip_skip")
@@ -139,7 +145,7 @@ def resolve_request(req: GenerationRequest, geometry: ModelGeometry, limits: Lim
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
     resolved = req.replace(width=width, height=height, seed=seed, model=model_name,
                            sampler=choice.sampler.name, schedule=choice.schedule)
-    return resolve_hires(resolve_variation(resolved, geometry.factor), req, geometry.factor, limits), choice
+    return resolve_hires(resolve_variation(resolved, geometry.factor), req, geometry.factor, limits)
 
 
 def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int, int]:

@@ -34,6 +34,13 @@ class PromptPlan:
         """Steps after which some text changes (sorted): the segments of the schedule."""
         return tuple(sorted({s.end_step for sub in (*self.positive.subprompts, self.negative) for s in sub.steps}))
 
+    def map_texts(self, change: Callable[[str], str]) -> PromptPlan:
+        """The same schedule with every text changed (e.g. embedding names written out as their tokens)."""
+        def sub(s: SubSchedule) -> SubSchedule:
+            return SubSchedule(s.weight, tuple(StepText(t.end_step, change(t.text)) for t in s.steps))
+
+        return PromptPlan(PromptSchedule(tuple(sub(s) for s in self.positive.subprompts)), sub(self.negative))
+
 
 def plan_prompts(prompt: str, negative: str, steps: int, syntax: str) -> PromptPlan:
     if syntax != "a1111":  # compel and plain texts are encoded whole, at every step

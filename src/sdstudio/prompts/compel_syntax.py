@@ -8,7 +8,7 @@ OpenCLIP-G's pooled embedding. Long prompts are split into 77-token windows, not
 from __future__ import annotations
 
 from sdstudio.errors import RequestError
-from sdstudio.models.text_encoders import TextEncoders
+from sdstudio.models.load.text_encoders import TextEncoders
 from sdstudio.prompts.encode import EncodedPrompt
 
 

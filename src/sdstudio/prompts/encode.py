@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from transformers import CLIPTokenizer
 
-from sdstudio.models.memory import device_of
-from sdstudio.models.text_encoders import TextEncoders
+from sdstudio.models.load.memory import device_of
+from sdstudio.models.load.text_encoders import TextEncoders
 from sdstudio.prompts.chunks import Chunk, TokenIds, chunk_tokens
 from sdstudio.prompts.grammar import BREAK_MARK, attention
 

@@ -8,35 +8,27 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 
-from sdstudio.engine.infotext import parse_infotext
-from sdstudio.engine.kandinsky import find_kandinsky
-from sdstudio.engine.upscale import UpscaleRequest, latent_upscale_modes
+from sdstudio.a1111 import options as listings
+from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody
+from sdstudio.a1111.infotext import parse_infotext
+from sdstudio.a1111.options import A1111Options
+from sdstudio.a1111.responses import a1111_response
+from sdstudio.a1111.translate import to_native_payload
+from sdstudio.engine.pipelines.upscale import UpscaleRequest, latent_upscale_modes
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
-from sdstudio.models import catalog
-from sdstudio.models.vae import vae_files
-from sdstudio.server import a1111_options as listings
-from sdstudio.server.a1111 import (
-    Img2ImgBody,
-    Txt2ImgBody,
-    a1111_response,
-    check_supported,
-    decode_image,
-    to_generation_request,
-)
-from sdstudio.server.a1111_options import A1111Options
-from sdstudio.server.payload import encode_request
+from sdstudio.models.find import catalog
+from sdstudio.models.load.vae import vae_files
+from sdstudio.pictures import decode_image
+from sdstudio.server.payload import decode_request
+from sdstudio.server.state import ServerState
 from sdstudio.storage.images import text_chunks
 
-if TYPE_CHECKING:
-    from sdstudio.server.app import ServerState
-
-A1111_KIND = "sdapi"  # jobs whose result the waiting route picks up from the worker
+A1111_KIND = "sdapi"  # the job kind of A1111-route jobs, as history shows them
 
 
 def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
@@ -44,21 +36,20 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     options = {"current": A1111Options()}
 
     def generate(body: Txt2ImgBody | Img2ImgBody) -> dict[str, Any]:
-        check_supported(body)
-        request = to_generation_request(body, options["current"])
-        if find_kandinsky(state.engine.model_ref, request.model) is None:
-            state.engine.check(request)  # bad input is a 422 before anything is queued
-        job = store.submit(f"{A1111_KIND}-{request.mode}", encode_request(request))
+        """Translate, prepare (bad input: 422 before anything is queued), queue, wait for the job's end, and
+        answer from its durable record and stored files."""
+        payload = to_native_payload(body, options["current"])
+        prepared = state.engine.prepare(decode_request(payload))
+        job = store.submit(f"{A1111_KIND}-{prepared.request.mode}", payload)
         worker.wake()
-        while (current := store.get(job.id)) is not None and current.status in ("queued", "running"):
-            time.sleep(0.05)
-        result = worker.take_result(job.id)
-        if current is None or current.status != "done" or result is None:
-            reason = current.error if current else "the job disappeared"
-            if current is not None and current.status == "cancelled":
+        done = worker.wait(job.id)
+        if done is None or done.status != "done" or not done.result:
+            reason = done.error if done else "the job disappeared"
+            if done is not None and done.status == "cancelled":
                 reason = "interrupted"
             raise RequestError(reason or "the job did not finish", "job")
-        return a1111_response(body, result)
+        pngs = [(state.images_dir / name).read_bytes() for name in done.result["images"]]
+        return a1111_response(body, done.result, pngs)
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:

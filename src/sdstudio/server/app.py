@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +23,19 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sdstudio.engine.engine import Engine
-from sdstudio.engine.kandinsky import find_kandinsky
 from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
 from sdstudio.server.payload import decode_request
+from sdstudio.server.state import ServerState, get_job, job_view
 from sdstudio.server.studio_routes import add_studio_routes
 from sdstudio.server.ui_routes import add_ui_routes
 from sdstudio.server.worker import Worker
 from sdstudio.settings import PACKAGED_MODELS, Settings
-from sdstudio.storage.jobs import STATUSES, JobRecord, JobStore
+from sdstudio.storage.jobs import STATUSES, JobStore
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServerState:
-    settings: Settings
-    engine: Engine
-    store: JobStore
-    worker: Worker
-    images_dir: Path
-    roots: dict[str, str]  # local folders -> what clients see instead
-
-    def scrub(self, message: str | None) -> str | None:
-        if message is None:
-            return None
-        for root, label in self.roots.items():
-            message = message.replace(root, label)
-        return message
 
 
 class JobBody(BaseModel):
@@ -62,19 +46,6 @@ class JobBody(BaseModel):
     idempotency_key: str | None = Field(default=None, max_length=200)
 
 
-def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
-    request = job.payload.get("request", job.payload)  # an X/Y/Z job wraps its base request
-    view: dict[str, Any] = {"id": job.id, "kind": job.kind, "status": job.status, "created": job.created,
-                            "started": job.started, "finished": job.finished, "error": state.scrub(job.error),
-                            "prompt": request.get("prompt", "") if isinstance(request, dict) else ""}
-    if job.status == "queued":
-        view["position"] = state.store.queue_position(job.id)
-    if job.status == "running" and state.worker.progress.job_id == job.id:
-        view["progress"] = state.worker.progress.fraction
-    if job.result:
-        view["result"] = {**{k: v for k, v in job.result.items() if k != "images"},
-                          "images": [f"/api/v1/images/{job.id}/{i}" for i in range(len(job.result["images"]))]}
-    return view
 
 
 def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
@@ -110,15 +81,14 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         request = decode_request(body.request)
-        if find_kandinsky(engine.model_ref, request.model) is None:
-            engine.check(request)  # everything that needs no model loaded: 422 before queueing
+        engine.prepare(request)  # everything that needs no model loaded: 422 before queueing
         job = store.submit(request.mode, body.request, body.idempotency_key or idempotency_key)
         worker.wake()
         return job_view(job, state)
 
     @app.get("/api/v1/jobs/{job_id}")
     def status(job_id: str) -> dict[str, Any]:
-        return job_view(_job(store, job_id), state)
+        return job_view(get_job(store, job_id), state)
 
     @app.post("/api/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:
@@ -140,7 +110,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
 
     @app.get("/api/v1/images/{job_id}/{index}")
     def image(job_id: str, index: int) -> FileResponse:
-        job = _job(store, job_id)
+        job = get_job(store, job_id)
         files = (job.result or {}).get("images", [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job_id} has no image {index}")
@@ -148,18 +118,13 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
 
     @app.get("/api/v1/jobs/{job_id}/events")
     async def events(job_id: str) -> StreamingResponse:
-        _job(store, job_id)
+        get_job(store, job_id)
         return StreamingResponse(_events(state, job_id), media_type="text/event-stream")
 
     add_ui_routes(app, state)
     return app
 
 
-def _job(store: JobStore, job_id: str) -> JobRecord:
-    job = store.get(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
-    return job
 
 
 async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:

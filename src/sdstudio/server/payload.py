@@ -6,31 +6,20 @@ The queue must be able to rebuild the exact request after a restart, so unlike t
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 from typing import Any
 
-from PIL import Image
-
 from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
-from sdstudio.engine.validate import check_types
 from sdstudio.errors import RequestError
-from sdstudio.server.a1111 import decode_image as image_from_b64
-
-
-def image_to_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+from sdstudio.pictures import decode_image as image_from_b64
+from sdstudio.pictures import image_to_b64
 
 
 def encode_request(req: GenerationRequest) -> dict[str, Any]:
     """JSON-ready fields with every picture as base64 PNG; tensors (init_latents) cannot be queued."""
     if getattr(req, "init_latents", None) is not None:
         raise RequestError("init_latents cannot be sent through the job queue: send an image", "init_latents")
-    fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)
-              if f.name not in (*IMAGES, "init_latents", "controlnets")}
+    fields = {k: v for k, v in req.flat_fields().items() if k not in (*IMAGES, "init_latents", "controlnets")}
     for name in IMAGES:
         image = getattr(req, name)
         fields[name] = image_to_b64(image) if image is not None else None
@@ -60,6 +49,4 @@ def decode_request(payload: dict[str, Any]) -> GenerationRequest:
     for unit in given:
         image = image_from_b64(unit["image"], "controlnets.image") if unit.get("image") else None
         units.append(ControlUnit(**{**ControlUnit.from_dict(unit).__dict__, "image": image}))
-    request = GenerationRequest(**fields, controlnets=tuple(units))
-    check_types(request)
-    return request
+    return GenerationRequest.from_flat(**fields, controlnets=tuple(units))  # types: checked by Engine.prepare

@@ -10,36 +10,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Header
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from sdstudio.engine.control import preprocess_control
+from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
+from sdstudio.a1111.options import MODEL_HASH_DIGITS, model_title
 from sdstudio.engine.engine import Engine
-from sdstudio.engine.inpaint import INPAINT_METHODS, MASKED_CONTENT
-from sdstudio.engine.output import CAPTURE_ANIMATION, CAPTURE_KINDS, capture_frame_name, image_metadata
-from sdstudio.engine.preprocess import ALL_PREPROCESSORS
+from sdstudio.engine.pipelines.upscale import is_x4_folder, latent_upscale_modes
+from sdstudio.engine.record import read_fields
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
-from sdstudio.engine.upscale import is_x4_folder, latent_upscale_modes
+from sdstudio.engine.sd.control import preprocess_control
+from sdstudio.engine.sd.inpaint import INPAINT_METHODS
+from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
 from sdstudio.engine.validate import check_int
-from sdstudio.engine.xyz import AXIS_KINDS
+from sdstudio.engine.workflows.xyz import AXIS_KINDS
 from sdstudio.errors import NotFound, RequestError, SdStudioError
-from sdstudio.models import catalog, controlnet
-from sdstudio.models.catalog import ModelRef
-from sdstudio.models.families import FAMILY_INFO
-from sdstudio.models.inventory import family_of
-from sdstudio.models.vae import vae_files
+from sdstudio.models.find import catalog
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.inventory import family_of
+from sdstudio.models.load import controlnet
+from sdstudio.models.load.families import FAMILY_INFO
+from sdstudio.models.load.vae import vae_files
+from sdstudio.pictures import decode_image, image_to_b64
 from sdstudio.samplers import SAMPLERS, SCHEDULE_TYPES
-from sdstudio.server.a1111 import decode_image
-from sdstudio.server.a1111_options import MODEL_HASH_DIGITS, model_title
-from sdstudio.server.payload import encode_request, image_to_b64
+from sdstudio.server.payload import encode_request
+from sdstudio.server.state import ServerState, get_job, job_view
 from sdstudio.server.xyz_job import XYZ_KIND, check_xyz, plan_xyz, xyz_payload
-
-if TYPE_CHECKING:
-    from sdstudio.server.app import ServerState
+from sdstudio.storage.results import CAPTURE_ANIMATION, CAPTURE_KINDS, capture_frame_name, image_metadata
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ class XYZBody(BaseModel):
 
 def add_studio_routes(app: FastAPI, state: ServerState) -> None:
     """/api/v1/catalog, /png-info, /preprocess, /jobs/{id}/request, /images/{id}/{i}/capture..., /xyz."""
-    from sdstudio.server.app import _job, job_view  # app.py calls this: imported once both modules exist
 
     @app.get("/api/v1/catalog")
     def get_catalog() -> dict[str, Any]:
@@ -76,7 +76,7 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/api/v1/png-info")
     def png_info(body: PngInfoBody) -> dict[str, Any]:
         meta = image_metadata(decode_image(body.image, "image"))
-        source, fields = meta.read_fields()
+        source, fields = read_fields(meta)
         return {"infotext": meta.infotext, "fields": fields, "source": source}
 
     @app.post("/api/v1/preprocess")
@@ -90,11 +90,11 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/api/v1/jobs/{job_id}/request")
     def job_request(job_id: str) -> dict[str, Any]:
-        return _job(state.store, job_id).payload
+        return get_job(state.store, job_id).payload
 
     @app.get("/api/v1/images/{job_id}/{index}/capture")
     def capture(job_id: str, index: int) -> dict[str, Any]:
-        _, steps = capture_of(_job(state.store, job_id).result, job_id, index, state.images_dir)
+        _, steps = capture_of(get_job(state.store, job_id).result, job_id, index, state.images_dir)
         base = f"/api/v1/images/{job_id}/{index}/capture"
         return {"steps": steps,
                 "frames": [{"step": s, **{kind: f"{base}/{s}/{kind}" for kind in CAPTURE_KINDS}} for s in steps],
@@ -102,12 +102,12 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/api/v1/images/{job_id}/{index}/capture/animation")
     def capture_animation(job_id: str, index: int) -> FileResponse:
-        folder, _ = capture_of(_job(state.store, job_id).result, job_id, index, state.images_dir)
+        folder, _ = capture_of(get_job(state.store, job_id).result, job_id, index, state.images_dir)
         return FileResponse(existing(folder / CAPTURE_ANIMATION), media_type="image/gif")
 
     @app.get("/api/v1/images/{job_id}/{index}/capture/{step}/{kind}")
     def capture_frame(job_id: str, index: int, step: int, kind: str) -> FileResponse:
-        folder, steps = capture_of(_job(state.store, job_id).result, job_id, index, state.images_dir)
+        folder, steps = capture_of(get_job(state.store, job_id).result, job_id, index, state.images_dir)
         if step not in steps:
             raise NotFound(f"image {index} of job {job_id} has no captured step {step}; it has {steps}")
         if kind not in CAPTURE_KINDS:

@@ -7,19 +7,18 @@ outside the server. It talks only to the public HTTP API, like any other client.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Header
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from sdstudio.engine.outpaint import PREFILLS, Extension, outpaint_request
+from sdstudio.engine.validate import check_types
+from sdstudio.engine.workflows.outpaint import PREFILLS, Extension, outpaint_request
 from sdstudio.errors import RequestError
 from sdstudio.server.payload import decode_request, encode_request
-
-if TYPE_CHECKING:
-    from sdstudio.server.app import ServerState
+from sdstudio.server.state import ServerState, job_view
 
 WEBUI = Path(__file__).resolve().parent.parent / "webui"
 
@@ -38,7 +37,6 @@ class OutpaintBody(BaseModel):
 
 
 def add_ui_routes(app: FastAPI, state: ServerState) -> None:
-    from sdstudio.server.app import job_view
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -51,12 +49,13 @@ def add_ui_routes(app: FastAPI, state: ServerState) -> None:
         """Queue an inpainting job that extends the init image: the canvas is pre-filled and masked here,
         so the stored job is a plain inpainting request (re-runnable as it is)."""
         base = decode_request(body.request)
+        check_types(base)  # the fields are read before Engine.prepare sees them
         if base.init_image is None:
             raise RequestError("outpainting needs the picture to extend in request.init_image", "init_image")
         limit = state.settings.limits.max_pixels
         request = outpaint_request(base, base.init_image, Extension(body.left, body.right, body.up, body.down),
                                    body.prefill, body.overlap, limit=int(limit**0.5))
-        state.engine.check(request)
+        state.engine.prepare(request)  # bad input: a 422 before anything is queued
         job = state.store.submit(request.mode, encode_request(request), body.idempotency_key or idempotency_key)
         state.worker.wake()
         return job_view(job, state)

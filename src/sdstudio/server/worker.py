@@ -23,11 +23,12 @@ from PIL import Image
 
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.hooks import CancelToken, ProgressEvent
-from sdstudio.engine.output import save_result, saved_entries
 from sdstudio.errors import Cancelled, SdStudioError
 from sdstudio.server.payload import decode_request
 from sdstudio.server.xyz_job import XYZ_KIND, run_xyz_job
-from sdstudio.storage.jobs import JobRecord, JobStore
+from sdstudio.storage.jobs import JobRecord
+from sdstudio.storage.queue import JobQueue
+from sdstudio.storage.results import save_result, saved_entries
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,14 @@ def is_out_of_memory(error: BaseException) -> bool:
 class Worker:
     """One thread; `run_job` is separate so tests can drive it synchronously."""
 
-    def __init__(self, engine: Engine, store: JobStore, images_dir: Path, poll: float = 0.05):
+    def __init__(self, engine: Engine, store: JobQueue, images_dir: Path, poll: float = 0.05):
         self.engine, self.store, self.images_dir, self.poll = engine, store, images_dir, poll
         self.progress = LiveProgress()
         self.cancel_token: CancelToken | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._results: dict[str, Any] = {}  # GenerationResults of A1111-route jobs, until their route takes them
-        self._results_lock = threading.Lock()
+        self._finished = threading.Condition()  # notified whenever a job ends
         self.device_lock = threading.Lock()  # held while a job runs; other device work (upscales) waits for it
 
     def start(self) -> None:
@@ -107,10 +107,13 @@ class Worker:
         preview().save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def take_result(self, job_id: str) -> Any:
-        """The GenerationResult of a finished A1111-route job, once (None if there is none)."""
-        with self._results_lock:
-            return self._results.pop(job_id, None)
+    def wait(self, job_id: str, guard: float = 1.0) -> JobRecord | None:
+        """Block until the job has ended (done, failed or cancelled); its durable record (None if unknown).
+        Woken by the worker when a job ends; `guard` seconds bound each wait in case another process ended it."""
+        with self._finished:
+            while (job := self.store.get(job_id)) is not None and job.status in ("queued", "running"):
+                self._finished.wait(guard)
+        return job
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -152,18 +155,18 @@ class Worker:
             with self.progress.lock:
                 self.progress.job_id, self.progress.preview = None, None
             self.cancel_token = None
+            with self._finished:
+                self._finished.notify_all()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
     def _generate(self, job: JobRecord, on_event: Callable[[ProgressEvent], None],
                   token: CancelToken) -> dict[str, Any]:
-        """One generation request: run, save, keep the result for a waiting A1111 route; the history record."""
-        result = self.engine.generate(decode_request(job.payload), progress=on_event, cancel=token)
+        """One generation request: rebuild it from the payload, run, save; the history record."""
+        prepared = self.engine.prepare(decode_request(job.payload))  # rebuilt from the durable payload
+        result = self.engine.generate(prepared, progress=on_event, cancel=token)
         saved = save_result(result, self.images_dir)
-        if job.kind.startswith("sdapi"):
-            with self._results_lock:
-                self._results[job.id] = result
         return self.result_record(result, saved)
 
     def _on_progress(self, job_id: str, token: CancelToken) -> Callable[[ProgressEvent], None]:

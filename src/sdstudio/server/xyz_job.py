@@ -15,21 +15,21 @@ from typing import Any
 
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.hooks import CancelToken, ProgressEvent
-from sdstudio.engine.kandinsky import find_kandinsky
-from sdstudio.engine.output import saved_entries
-from sdstudio.engine.xyz import (
+from sdstudio.engine.validate import check_types
+from sdstudio.engine.workflows.xyz import (
     SavedXYZ,
     XYZPlan,
     XYZProgress,
     XYZResult,
     build_plan,
-    check_plan,
     parse_axis,
+    prepare_plan,
     run_xyz,
     save_xyz,
 )
 from sdstudio.errors import RequestError
 from sdstudio.server.payload import decode_request
+from sdstudio.storage.results import saved_entries
 
 XYZ_KIND = "xyz"
 AXES = ("x", "y", "z")
@@ -43,6 +43,7 @@ def xyz_payload(request: dict[str, Any], x: str, y: str | None = None, z: str | 
 def plan_xyz(payload: Mapping[str, Any]) -> XYZPlan:
     """The plan of an xyz payload; a bad axis is a RequestError whose field is "x", "y" or "z"."""
     base = decode_request(payload.get("request"))  # type: ignore[arg-type]
+    check_types(base)  # the fields are read before Engine.prepare sees them
     specs: dict[str, str | None] = {}
     for name in AXES:
         spec = payload.get(name)
@@ -62,9 +63,8 @@ def plan_xyz(payload: Mapping[str, Any]) -> XYZPlan:
 
 def check_xyz(engine: Engine, plan: XYZPlan) -> None:
     """What needs no model loaded, as POST /api/v1/jobs checks: the base request, then every cell."""
-    if find_kandinsky(engine.model_ref, plan.base.model) is None:
-        engine.check(plan.base)
-    check_plan(engine, plan)
+    engine.prepare(plan.base)
+    prepare_plan(engine, plan)
 
 
 def plot_event(p: XYZProgress) -> ProgressEvent:

@@ -65,6 +65,21 @@ def save_png(image: Image.Image, folder: Path, name: str, text: Mapping[str, str
     return write_unique(folder, f"-{name}.png", lambda p: image.save(p, format="PNG", pnginfo=png_info(text)))
 
 
+def write_png(image: Image.Image, path: Path, text: Mapping[str, str]) -> Path:
+    """Write exactly `path` (replacing it, as PIL's save does) with the given text chunks, atomically: a reader
+    sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.png")
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(text))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_animation(frames: Sequence[Image.Image], path: Path, ms_per_frame: int = 250) -> Path:
     """An animated GIF that loops forever, the last frame held three times as long."""
     durations = [ms_per_frame] * (len(frames) - 1) + [ms_per_frame * 3]

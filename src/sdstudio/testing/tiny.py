@@ -29,8 +29,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdstudio.models.clip_bpe import write_tokenizer_files
-from sdstudio.models.layout import SD15_SCHEDULER, save_sd_folder
+from sdstudio.models.load.clip_bpe import write_tokenizer_files
+from sdstudio.models.tools.layout import SD15_SCHEDULER, save_sd_folder
 
 FAMILIES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint")
 

@@ -10,7 +10,7 @@ The component configs follow diffusers' own Kandinsky 2.2 fast tests, shrunk fur
 The tokenizer is the byte-level CLIP tokenizer of `sdstudio.testing.tiny` (no download).
 
 `build_tiny_kandinsky(path)` writes a decoder folder with its prior in `path/prior/` (sdstudio's layout,
-see `sdstudio.models.kandinsky`); `build_tiny_prior` and `build_tiny_decoder` write one folder each.
+see `sdstudio.models.load.kandinsky`); `build_tiny_prior` and `build_tiny_decoder` write one folder each.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from sdstudio.models.configs import config_dir, load_tokenizer
+from sdstudio.models.load.configs import config_dir, load_tokenizer
 from sdstudio.testing.tiny import tiny_clip_config
 
 # The real model's schedulers (scheduler/ and low_res_scheduler/ of stable-diffusion-x4-upscaler).

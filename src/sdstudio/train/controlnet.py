@@ -7,7 +7,7 @@ UNet: || eps - UNet(x_t, t, c, residuals = ControlNet(x_t, t, c, control)) ||^2,
 Half the captions are dropped (as in the paper). With `layout_from_control` (the default) the shapes
 captions also lose their position and size phrases ("at the top right", "small"): what the edge map
 shows is then the only source of the layout, so the ControlNet cannot leave it to the text.
-The control image is the canny edge map of the training image (engine/preprocess.py), in [0, 1].
+The control image is the canny edge map of the training image (engine/sd/preprocess.py), in [0, 1].
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdstudio.engine.preprocess import canny_edges
+from sdstudio.engine.sd.preprocess import canny_edges
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import batch_indices, open_data
 from sdstudio.train.latents import LatentSource

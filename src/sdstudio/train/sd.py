@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdstudio.models.layout import SD15_SCHEDULER, save_sd_folder
+from sdstudio.models.tools.layout import SD15_SCHEDULER, save_sd_folder
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import CaptionedImages, batch_indices, open_data
 from sdstudio.train.inpaint import inpaint_condition, random_masks, widen_conv_in

@@ -1,0 +1,91 @@
+"""AUTOMATIC1111 `/sdapi/v1` txt2img/img2img bodies -> our native request payload (the JSON `/api/v1/jobs`
+takes and the job queue stores). Pure translation: no server, no engine calls; the routes queue the payload.
+
+Field names and defaults are A1111's (modules/api/models.py, modules/processing.py). What sdstudio cannot
+honour (restore_faces, tiling, scripts, ...) is a RequestError naming the field, which the routes answer with
+422. Pictures pass through as the client sent them (base64), except where A1111's semantics change them:
+init images and masks fitted by resize_mode, and converted to RGB / greyscale when sent otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from sdstudio.a1111.bodies import Body, Img2ImgBody, Txt2ImgBody, check_supported
+from sdstudio.a1111.controlnet import controlnet_units
+from sdstudio.a1111.names import IMG2IMG_RESIZE, MASKED_CONTENT, SAME_SAMPLER, SAME_SCHEDULER
+from sdstudio.a1111.options import A1111Options
+from sdstudio.errors import RequestError
+from sdstudio.pictures import decode_image, fit, fit_mask, image_to_b64
+from sdstudio.samplers import resolve_sampler
+
+
+def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[str, Any]:
+    """Our request payload for an A1111 txt2img or img2img body; `options` fills what override_settings leaves."""
+    check_supported(body)
+    opts = (options or A1111Options()).updated(body.override_settings or {})
+    sampler = (body.sampler_name or body.sampler_index or "Euler").strip()
+    schedule = (body.scheduler or "Automatic").strip()
+    try:
+        choice = resolve_sampler(sampler, schedule)
+    except RequestError as e:
+        raise RequestError(str(e), "sampler_name" if e.field == "sampler" else "scheduler") from None
+    fields: dict[str, Any] = dict(
+        prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=body.width, height=body.height,
+        steps=body.steps, cfg_scale=body.cfg_scale, sampler=choice.sampler.name, schedule=choice.requested_schedule,
+        seed=body.seed, subseed=body.subseed, subseed_strength=body.subseed_strength,
+        seed_resize_from_w=max(body.seed_resize_from_w, 0), seed_resize_from_h=max(body.seed_resize_from_h, 0),
+        batch_size=body.batch_size, n_iter=body.n_iter, model=opts.sd_model_checkpoint, vae=opts.vae,
+        clip_skip=opts.clip_skip,
+        strength=0.75 if body.denoising_strength is None else body.denoising_strength,
+    )
+    if isinstance(body, Txt2ImgBody):
+        fields.update(_hires_fields(body))
+    elif isinstance(body, Img2ImgBody):
+        fields.update(_img2img_fields(body))
+    fields["controlnets"] = controlnet_units(body.alwayson_scripts)
+    return fields
+
+
+def _hires_fields(body: Txt2ImgBody) -> dict[str, Any]:
+    if not body.enable_hr:
+        return {}
+    hr_sampler = body.hr_sampler_name or ""
+    hr_scheduler = body.hr_scheduler or ""
+    return dict(enable_hr=True, hr_scale=body.hr_scale, hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y,
+                hr_upscaler=body.hr_upscaler or "Latent", hr_second_pass_steps=body.hr_second_pass_steps,
+                hr_sampler_name="" if hr_sampler.lower() in SAME_SAMPLER else hr_sampler,
+                hr_scheduler="" if hr_scheduler.lower() in SAME_SCHEDULER else hr_scheduler,
+                hr_prompt=body.hr_prompt, hr_negative_prompt=body.hr_negative_prompt)
+
+
+def _img2img_fields(body: Img2ImgBody) -> dict[str, Any]:
+    """The init image (and mask) fitted to width x height by A1111's resize_mode, and the inpaint fields."""
+    images = body.init_images or []
+    if len(images) != 1:
+        raise RequestError(f"init_images must hold exactly one base64 image, got {len(images)}", "init_images")
+    init = decode_image(images[0], "init_images[0]")
+    mask = decode_image(body.mask, "mask") if body.mask else None
+    only_masked = mask is not None and body.inpaint_full_res
+    mode = IMG2IMG_RESIZE[body.resize_mode]
+    fitted = mode != "just resize" and not only_masked  # "just resize" is the engine's own stretch
+    fields: dict[str, Any] = {"init_image": _as_sent(images[0], init, "RGB", fitted and (
+        lambda im: fit(im, body.width, body.height, mode)))}
+    if mask is not None:
+        fields.update(mask=_as_sent(body.mask, mask, "L", fitted and (
+                          lambda im: fit_mask(im, body.width, body.height, mode))),
+                      mask_blur=body.mask_blur_x if body.mask_blur is None else body.mask_blur,
+                      masked_content=MASKED_CONTENT[body.inpainting_fill], only_masked=only_masked,
+                      only_masked_padding=body.inpaint_full_res_padding,
+                      invert_mask=bool(body.inpainting_mask_invert))
+    return fields
+
+
+def _as_sent(sent: str, image: Image.Image, mode: str, change: Any) -> str:
+    """The picture as the client sent it when it is already in `mode` and needs no fitting; else re-encoded."""
+    if image.mode == mode and not change:
+        return sent
+    image = image.convert(mode)
+    return image_to_b64(change(image) if change else image)

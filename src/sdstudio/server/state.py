@@ -1,0 +1,54 @@
+"""What every HTTP route shares: the server's state (settings, engine, job store, worker) and the job view
+clients see."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdstudio.engine.engine import Engine
+from sdstudio.errors import NotFound
+from sdstudio.server.worker import Worker
+from sdstudio.settings import Settings
+from sdstudio.storage.jobs import JobRecord
+from sdstudio.storage.queue import JobQueue
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    store: JobQueue
+    worker: Worker
+    images_dir: Path
+    roots: dict[str, str]  # local folders -> what clients see instead
+
+    def scrub(self, message: str | None) -> str | None:
+        if message is None:
+            return None
+        for root, label in self.roots.items():
+            message = message.replace(root, label)
+        return message
+
+
+def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
+    request = job.payload.get("request", job.payload)  # an X/Y/Z job wraps its base request
+    view: dict[str, Any] = {"id": job.id, "kind": job.kind, "status": job.status, "created": job.created,
+                            "started": job.started, "finished": job.finished, "error": state.scrub(job.error),
+                            "prompt": request.get("prompt", "") if isinstance(request, dict) else ""}
+    if job.status == "queued":
+        view["position"] = state.store.queue_position(job.id)
+    if job.status == "running" and state.worker.progress.job_id == job.id:
+        view["progress"] = state.worker.progress.fraction
+    if job.result:
+        view["result"] = {**{k: v for k, v in job.result.items() if k != "images"},
+                          "images": [f"/api/v1/images/{job.id}/{i}" for i in range(len(job.result["images"]))]}
+    return view
+
+
+def get_job(store: JobQueue, job_id: str) -> JobRecord:
+    job = store.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
