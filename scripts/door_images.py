@@ -67,7 +67,7 @@ def api_cases(engine: Engine) -> dict[str, list[dict[str, str]]]:
         "txt2img-euler-a": GenerationRequest(**base, sampler="Euler a"),
         "txt2img-prompt-editing": GenerationRequest(**{**base, "prompt": "a [red:yellow:0.5] (circle:1.2) AND a "
                                                                          "square :0.5"}),
-        "txt2img-variation": GenerationRequest(**base, subseed=3, subseed_strength=0.4, batch_size=2),
+        "txt2img-variation": flat(**base, subseed=3, subseed_strength=0.4, batch_size=2),
         "img2img": GenerationRequest(**base, init_image=picture(), strength=0.6),
         "inpaint-blend": GenerationRequest(**base, init_image=picture(), mask=mask(), strength=0.9),
         "inpaint-9ch": GenerationRequest(**base, init_image=picture(), mask=mask(), strength=1.0,

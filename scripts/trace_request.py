@@ -30,7 +30,7 @@ from pathlib import Path
 
 # (label, function-name pattern, pattern for the file's path relative to the package dir)
 CHECKS = [
-    ("prepares (Engine.prepare)", "prepare", "engine/engine.py"),
+    ("prepares", "prepare", "engine/engine.py"),  # Engine.prepare
     ("type checks", "check_types", "*"),
     ("field checks", "check_fields", "*"),
     ("prompt parses", "plan_prompts", "*"),

@@ -64,14 +64,14 @@ def test_webuiapi_txt2img_defaults_map():
     req = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img()), A1111Options())
     assert (req.prompt, req.steps, req.width, req.height, req.seed) == ("a red circle", 30, 512, 512, -1)
     assert (req.sampler, req.schedule, req.enable_hr, req.controlnets) == ("Euler a", "Automatic", False, ())
-    assert (req.model, req.vae, req.clip_skip, req.seed_resize_from_w) == (None, None, 1, 0)
+    assert (req.model, req.vae, req.clip_skip, req.variation.resize_from_w) == (None, None, 1, 0)
 
 
 def test_a1111_defaults_when_fields_are_missing():
     body = Txt2ImgBody()
     assert (body.steps, body.cfg_scale, body.width, body.seed, body.seed_resize_from_w) == (50, 7.0, 512, -1, -1)
     req = to_generation_request(body)
-    assert (req.sampler, req.steps, req.seed_resize_from_h) == ("Euler", 50, 0)
+    assert (req.sampler, req.steps, req.variation.resize_from_h) == ("Euler", 50, 0)
 
 
 def test_legacy_sampler_name_maps_to_sampler_and_schedule():

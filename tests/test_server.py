@@ -89,11 +89,11 @@ def test_a_failing_job_fails_with_its_reason_and_the_server_goes_on(client, monk
     real = engine.generate
     calls = []
 
-    def out_of_memory_once(request, progress=None, cancel=None):
-        calls.append(request.prompt)
+    def out_of_memory_once(job, progress=None, cancel=None):  # the worker hands generate a PreparedJob
+        calls.append(job.request.prompt)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(request, progress, cancel)
+        return real(job, progress, cancel)
 
     monkeypatch.setattr(engine, "generate", out_of_memory_once)
     failed = wait(client, client.post("/api/v1/jobs", json={"request": {"prompt": "huge", "steps": 2}}).json()["id"])
@@ -115,3 +115,17 @@ def test_limits_are_checked_before_any_work_and_paths_never_leak(client):
     unknown = client.post("/api/v1/jobs", json={"request": {"prompt": "x <lora:nothere:1>"}})
     assert unknown.status_code == 422 and home not in unknown.text
     assert client.get("/api/v1/jobs", params={"offset": -1}).status_code == 422
+
+
+def test_each_http_request_is_prepared_once_and_a_restart_prepares_from_the_record(client, monkeypatch):
+    state = client.app.state.sdstudio
+    calls = []
+    real = state.engine.prepare
+    monkeypatch.setattr(state.engine, "prepare", lambda request: calls.append(request.prompt) or real(request))
+    native = wait(client, client.post("/api/v1/jobs", json={"request": {"prompt": "a", "steps": 2}}).json()["id"])
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "b", "steps": 2, "width": 64, "height": 64})
+    assert native["status"] == "done" and a1111.status_code == 200
+    assert calls == ["a", "b"]  # the door prepared each; the worker ran what the door prepared
+    queued = state.store.submit("txt2img", {"prompt": "c", "steps": 2})  # as if queued before a restart
+    state.worker.wake()
+    assert wait(client, queued.id)["status"] == "done" and calls == ["a", "b", "c"]

@@ -19,7 +19,8 @@ CPU = torch.device("cpu")
 
 
 def req(**fields) -> GenerationRequest:
-    return GenerationRequest(**{"prompt": "a red circle", "steps": 4, "sampler": "Euler", "seed": 11, **fields})
+    base = {"prompt": "a red circle", "steps": 4, "sampler": "Euler", "seed": 11}
+    return GenerationRequest.from_flat(**{**base, **fields})
 
 
 def randn(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -116,10 +117,10 @@ def test_infotext_round_trip(engine):
 
 def test_a_random_subseed_is_fixed_and_recorded_only_when_used(engine):
     used = engine.generate(req(subseed_strength=0.5))
-    assert used.request.subseed >= 0
-    assert f"Variation seed: {used.request.subseed}," in used.images[0].infotext
-    assert used.images[0].record["request"]["subseed"] == used.request.subseed
-    assert engine.generate(req()).request.subseed == -1
+    assert used.request.variation.seed >= 0
+    assert f"Variation seed: {used.request.variation.seed}," in used.images[0].infotext
+    assert used.images[0].record["request"]["subseed"] == used.request.variation.seed
+    assert engine.generate(req()).request.variation.seed == -1
 
 
 @pytest.mark.parametrize(("fields", "message"), [

@@ -59,6 +59,23 @@ class ControlUnit:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# ... and the variation seeds flat too: key -> Variation field
+VARIATION_KEYS = {"subseed": "seed", "subseed_strength": "strength", "seed_resize_from_w": "resize_from_w",
+                  "seed_resize_from_h": "resize_from_h"}
+
+
+@dataclass(frozen=True)
+class Variation:
+    """Variation seeds as A1111 defines them (engine/sd/variation.py): with strength s > 0, image k starts from
+    slerp(s, noise(the request's seed), noise(seed + k)), every image keeping the request's seed. resize_from:
+    the request seed's noise is drawn at that size and pasted centred (0 x 0: off)."""
+
+    seed: int = -1          # -1: random, fixed once per job
+    strength: float = 0.0
+    resize_from_w: int = 0
+    resize_from_h: int = 0
+
+
 @dataclass(frozen=True)
 class HiresFix:
     """Hires fix (A1111's, txt2img only; engine/sd/hires.py): the first pass at width x height is upscaled to
@@ -83,8 +100,9 @@ class GenerationRequest:
 
     width/height None: the model's native size (txt2img) or the init image's size rounded down to
     the latent factor (img2img). seed -1: random; the result records the seed actually used.
-    Image k of the job (k < batch_size * n_iter) uses seed + k (with a variation seed: seed, and
-    subseed + k, as A1111).
+    Image k of the job (k < batch_size * n_iter) uses seed + k (with a variation: seed, and variation.seed + k,
+    as A1111). The JSON keeps `hires` and `variation` flat, under the keys clients send (HIRES_KEYS,
+    VARIATION_KEYS): from_flat, replace and flat_fields translate.
     """
 
     prompt: str = ""
@@ -96,12 +114,7 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER
     schedule: str = DEFAULT_SCHEDULE
     seed: int = -1
-    # A1111 variation seeds: image k starts from slerp(subseed_strength, noise(seed), noise(subseed + k)),
-    # every image keeping `seed`; seed_resize_from: draw the seed noise at that size, pasted centred (0: off).
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_w: int = 0
-    seed_resize_from_h: int = 0
+    variation: Variation = Variation()  # variation seeds and seed resize (off by default)
     batch_size: int = 1
     n_iter: int = 1
     model: str | None = None
@@ -154,23 +167,25 @@ class GenerationRequest:
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with fields changed; the JSON's flat hires keys (enable_hr, hr_scale, ...) are understood."""
-        return dataclasses.replace(self, **_grouped(changes, self.hires))
+        return dataclasses.replace(self, **_grouped(changes, self.hires, self.variation))
 
     @classmethod
     def from_flat(cls, **fields: Any) -> GenerationRequest:
         """A request from the JSON's flat fields (enable_hr, hr_scale, ... beside the rest), pictures included."""
-        return cls(**_grouped(fields, None))
+        return cls(**_grouped(fields, None, Variation()))
 
     def flat_fields(self) -> dict[str, Any]:
         """Every field as the JSON has it: the hires fix flat (its defaults when off), pictures as they are."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name != "hires":
+            if f.name == "hires":
+                out["enable_hr"] = self.hires is not None
+                hires = self.hires or HiresFix()
+                out.update({key: getattr(hires, name) for key, name in HIRES_KEYS.items()})
+            elif f.name == "variation":
+                out.update({key: getattr(self.variation, name) for key, name in VARIATION_KEYS.items()})
+            else:
                 out[f.name] = getattr(self, f.name)
-                continue
-            out["enable_hr"] = self.hires is not None
-            hires = self.hires or HiresFix()
-            out.update({key: getattr(hires, name) for key, name in HIRES_KEYS.items()})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,8 +212,8 @@ class GenerationRequest:
     @classmethod
     def field_names(cls) -> set[str]:
         """The JSON's field names (pictures and tensors excepted)."""
-        names = {f.name for f in dataclasses.fields(cls)} - set(IMAGES) - set(TENSORS) - {"hires"}
-        return names | {"enable_hr", *HIRES_KEYS}
+        names = {f.name for f in dataclasses.fields(cls)} - set(IMAGES) - set(TENSORS) - {"hires", "variation"}
+        return names | {"enable_hr", *HIRES_KEYS, *VARIATION_KEYS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -212,17 +227,19 @@ class GenerationRequest:
         return cls.from_flat(**fields)
 
 
-def _grouped(fields: dict[str, Any], hires: HiresFix | None) -> dict[str, Any]:
-    """Flat JSON fields with the hires keys gathered into `hires` (a HiresFix when enable_hr, else None);
-    `hires`: the request's current one, which flat keys change."""
-    flat = {HIRES_KEYS[k]: fields[k] for k in fields if k in HIRES_KEYS}
-    if not flat and "enable_hr" not in fields:
-        return fields
-    out = {k: v for k, v in fields.items() if k not in HIRES_KEYS and k != "enable_hr"}
-    enable = fields.get("enable_hr", hires is not None)
-    if not isinstance(enable, bool):
-        raise RequestError(f"enable_hr must be true or false, got {enable!r}", "enable_hr")
-    out["hires"] = dataclasses.replace(hires or HiresFix(), **flat) if enable else None
+def _grouped(fields: dict[str, Any], hires: HiresFix | None, variation: Variation) -> dict[str, Any]:
+    """Flat JSON fields with the hires keys gathered into `hires` (a HiresFix when enable_hr, else None) and
+    the variation keys into `variation`; `hires` and `variation`: the current ones, which flat keys change."""
+    out = {k: v for k, v in fields.items() if k not in HIRES_KEYS and k not in VARIATION_KEYS and k != "enable_hr"}
+    changed = {VARIATION_KEYS[k]: v for k, v in fields.items() if k in VARIATION_KEYS}
+    if changed:
+        out["variation"] = dataclasses.replace(out.get("variation", variation), **changed)
+    flat = {HIRES_KEYS[k]: v for k, v in fields.items() if k in HIRES_KEYS}
+    if flat or "enable_hr" in fields:
+        enable = fields.get("enable_hr", hires is not None)
+        if not isinstance(enable, bool):
+            raise RequestError(f"enable_hr must be true or false, got {enable!r}", "enable_hr")
+        out["hires"] = dataclasses.replace(hires or HiresFix(), **flat) if enable else None
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
-from sdstudio.engine.requests import HIRES_KEYS, ControlUnit, GenerationRequest, HiresFix
+from sdstudio.engine.requests import HIRES_KEYS, VARIATION_KEYS, ControlUnit, GenerationRequest
 from sdstudio.engine.sd.control import RESIZE_MODES
 from sdstudio.engine.sd.handoff import check_handoff, check_latent_channels, latents_size
 from sdstudio.engine.sd.hires import check_hires, resolve_hires
@@ -44,11 +44,12 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepte
 
 def check_types(req: GenerationRequest) -> None:
     """Every plain field holds its declared type (JSON doors can send anything): a clear error otherwise.
-    The hires fix's fields are named by the JSON's keys (hr_scale, ...)."""
+    The groups' fields are named by the JSON's keys (hr_scale, subseed, ...)."""
     _check_plain_types(req, lambda name: name)
-    if isinstance(req.hires, HiresFix):
-        keys = {ours: key for key, ours in HIRES_KEYS.items()}
-        _check_plain_types(req.hires, keys.__getitem__)
+    for group, keys in ((req.hires, HIRES_KEYS), (req.variation, VARIATION_KEYS)):
+        if dataclasses.is_dataclass(group):
+            json_key = {ours: key for key, ours in keys.items()}
+            _check_plain_types(group, json_key.__getitem__)
 
 
 def _check_plain_types(obj: object, key: Callable[[str], str]) -> None:

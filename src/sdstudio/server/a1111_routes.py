@@ -40,8 +40,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         answer from its durable record and stored files."""
         payload = to_native_payload(body, options["current"])
         prepared = state.engine.prepare(decode_request(payload))
-        job = store.submit(f"{A1111_KIND}-{prepared.request.mode}", payload)
-        worker.wake()
+        job = worker.submit(f"{A1111_KIND}-{prepared.request.mode}", payload, prepared)
         done = worker.wait(job.id)
         if done is None or done.status != "done" or not done.result:
             reason = done.error if done else "the job disappeared"

@@ -80,10 +80,8 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
 
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
-        request = decode_request(body.request)
-        engine.prepare(request)  # everything that needs no model loaded: 422 before queueing
-        job = store.submit(request.mode, body.request, body.idempotency_key or idempotency_key)
-        worker.wake()
+        prepared = engine.prepare(decode_request(body.request))  # needs no model loaded: 422 before queueing
+        job = worker.submit(prepared.request.mode, body.request, prepared, body.idempotency_key or idempotency_key)
         return job_view(job, state)
 
     @app.get("/api/v1/jobs/{job_id}")

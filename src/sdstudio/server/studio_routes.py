@@ -118,8 +118,7 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
     def submit_xyz(body: XYZBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         payload = xyz_payload(body.request, body.x, body.y, body.z)
         check_xyz(state.engine, plan_xyz(payload))  # bad axes and bad fields: 422 before queueing
-        job = state.store.submit(XYZ_KIND, payload, body.idempotency_key or idempotency_key)
-        state.worker.wake()
+        job = state.worker.submit(XYZ_KIND, payload, idempotency_key=body.idempotency_key or idempotency_key)
         return job_view(job, state)
 
 

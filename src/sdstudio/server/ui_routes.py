@@ -55,7 +55,7 @@ def add_ui_routes(app: FastAPI, state: ServerState) -> None:
         limit = state.settings.limits.max_pixels
         request = outpaint_request(base, base.init_image, Extension(body.left, body.right, body.up, body.down),
                                    body.prefill, body.overlap, limit=int(limit**0.5))
-        state.engine.prepare(request)  # bad input: a 422 before anything is queued
-        job = state.store.submit(request.mode, encode_request(request), body.idempotency_key or idempotency_key)
-        state.worker.wake()
+        prepared = state.engine.prepare(request)  # bad input: a 422 before anything is queued
+        job = state.worker.submit(request.mode, encode_request(request), prepared,
+                                  body.idempotency_key or idempotency_key)
         return job_view(job, state)

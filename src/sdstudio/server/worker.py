@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.hooks import CancelToken, ProgressEvent
+from sdstudio.engine.prepared import PreparedJob
 from sdstudio.errors import Cancelled, SdStudioError
 from sdstudio.server.payload import decode_request
 from sdstudio.server.xyz_job import XYZ_KIND, run_xyz_job
@@ -71,6 +72,10 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._finished = threading.Condition()  # notified whenever a job ends
         self.device_lock = threading.Lock()  # held while a job runs; other device work (upscales) waits for it
+        # job id -> the door's PreparedJob, so a queued request is checked once; the durable payload stays the
+        # truth: a job without one here (queued before a restart, or by another process) is prepared from it
+        self._prepared: dict[str, PreparedJob] = {}
+        self._prepared_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
@@ -86,6 +91,23 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def submit(self, kind: str, payload: dict[str, Any], prepared: PreparedJob | None = None,
+               idempotency_key: str | None = None) -> JobRecord:
+        """Queue a job (its payload durably) and wake the worker; `prepared`: the door's Engine.prepare of
+        that payload, which the worker then runs without checking it again."""
+        job = self.store.submit(kind, payload, idempotency_key)
+        if prepared is not None and job.status == "queued":
+            with self._prepared_lock:
+                for job_id in [i for i in self._prepared if not self._queued(i)]:  # cancelled before they ran
+                    del self._prepared[job_id]
+                self._prepared[job.id] = prepared
+        self.wake()
+        return job
+
+    def _queued(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is not None and job.status == "queued"
 
     def interrupt(self, job_id: str | None = None, how: str = "cancel") -> bool:
         """Stop the running job (only `job_id` when given); True when one was running. how: "cancel" (no
@@ -163,8 +185,12 @@ class Worker:
 
     def _generate(self, job: JobRecord, on_event: Callable[[ProgressEvent], None],
                   token: CancelToken) -> dict[str, Any]:
-        """One generation request: rebuild it from the payload, run, save; the history record."""
-        prepared = self.engine.prepare(decode_request(job.payload))  # rebuilt from the durable payload
+        """One generation request: run the door's prepared job (else prepare the durable payload), save; the
+        history record."""
+        with self._prepared_lock:
+            prepared = self._prepared.pop(job.id, None)
+        if prepared is None:
+            prepared = self.engine.prepare(decode_request(job.payload))
         result = self.engine.generate(prepared, progress=on_event, cancel=token)
         saved = save_result(result, self.images_dir)
         return self.result_record(result, saved)

@@ -129,10 +129,10 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
                                                         "set guidance_rescale to 0"),
         ("zero_terminal_snr", req.zero_terminal_snr is not False, "Kandinsky 2.2 keeps its trained noise "
                                                                   "schedule; set zero_terminal_snr to false"),
-        ("subseed_strength", getattr(req, "subseed_strength", 0) != 0, "variation seeds are not available for "
-                                                                       "Kandinsky 2.2; set subseed_strength to 0"),
-        ("seed_resize_from_w", (getattr(req, "seed_resize_from_w", 0), getattr(req, "seed_resize_from_h", 0))
-         != (0, 0), "seed resize is not available for Kandinsky 2.2; set seed_resize_from_w and _h to 0"),
+        ("subseed_strength", req.variation.strength != 0, "variation seeds are not available for Kandinsky 2.2; "
+                                                         "set subseed_strength to 0"),
+        ("seed_resize_from_w", (req.variation.resize_from_w, req.variation.resize_from_h) != (0, 0),
+         "seed resize is not available for Kandinsky 2.2; set seed_resize_from_w and _h to 0"),
         ("controlnets", bool(getattr(req, "controlnets", ())), "ControlNet units are for Stable Diffusion; "
                                                                "Kandinsky 2.2 cannot use them: remove them"),
         ("enable_hr", req.enable_hr is not False, "hires fix needs sdstudio's own loop; set enable_hr to false"),
@@ -156,7 +156,7 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
         raise refuse("init_latents", "Kandinsky 2.2 takes an init image, not latents")
     for name, bad, message in unsupported:
         if bad:
-            raise refuse(name, f"{message}, got {getattr(req, name)!r}")
+            raise refuse(name, f"{message}, got {req.flat_fields()[name]!r}")
     texts = plain_prompts(req)
     check_fields(req.replace(sampler=DEFAULT_SAMPLER, schedule=DEFAULT_SCHEDULE, prompt_syntax="plain"), limits)
     return texts

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sdstudio.engine.requests import VARIATION_KEYS
 from sdstudio.engine.sd.stages import initial_noise
 from sdstudio.errors import RequestError
 
@@ -33,11 +34,11 @@ _CPU = torch.device("cpu")
 
 
 def uses_variation(req: GenerationRequest) -> bool:
-    return req.subseed_strength > 0
+    return req.variation.strength > 0
 
 
 def resizes_seed(req: GenerationRequest) -> bool:
-    return req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0
+    return req.variation.resize_from_w > 0 and req.variation.resize_from_h > 0
 
 
 def image_seed(req: GenerationRequest, index: int) -> int:
@@ -46,7 +47,7 @@ def image_seed(req: GenerationRequest, index: int) -> int:
 
 
 def image_subseed(req: GenerationRequest, index: int) -> int:
-    return req.subseed + index
+    return req.variation.seed + index
 
 
 def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
@@ -96,44 +97,45 @@ def start_noise(seeds: Sequence[int], generators: Sequence[torch.Generator], req
     noise = initial_noise(generators, shape, _CPU, torch.float32)  # the main seeds' first draws
     if not uses_variation(req) and not resizes_seed(req):
         return noise.to(device=device, dtype=dtype)
-    from_shape = (shape[0], req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) \
+    from_shape = (shape[0], req.variation.resize_from_h // factor, req.variation.resize_from_w // factor) \
         if resizes_seed(req) else shape
     rows = []
     for k, (seed, target) in enumerate(zip(seeds, noise, strict=True)):
         x = target if from_shape == shape else _draw(seed, from_shape)
         if uses_variation(req):
-            x = slerp(float(req.subseed_strength), x, _draw(image_subseed(req, first + k), from_shape))
+            x = slerp(float(req.variation.strength), x, _draw(image_subseed(req, first + k), from_shape))
         rows.append(x if from_shape == shape else paste_centred(target, x))
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 def check_variation(req: GenerationRequest, limits: Limits) -> None:
     """Checks that need no model: the variation seed, its strength, and a resize given as a pair."""
-    strength = req.subseed_strength
+    variation = req.variation
+    strength = variation.strength
     if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
         raise RequestError(f"subseed_strength must be between 0 and 1, got {strength!r}", "subseed_strength")
-    subseed = req.subseed
+    subseed = variation.seed
     if isinstance(subseed, bool) or not isinstance(subseed, int) or not -1 <= subseed <= MAX_SEED - req.total_images:
         raise RequestError(f"subseed must be a whole number between -1 (random) and {MAX_SEED - req.total_images}, "
                            f"got {subseed!r}", "subseed")
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
-        value = getattr(req, name)
+        value = getattr(variation, VARIATION_KEYS[name])
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or
                                                                        limits.min_side <= value <= limits.max_side):
             raise RequestError(f"{name} must be 0 (off) or between {limits.min_side} and {limits.max_side}, "
                                f"got {value!r}", name)
-    if (req.seed_resize_from_w > 0) != (req.seed_resize_from_h > 0):
+    if (variation.resize_from_w > 0) != (variation.resize_from_h > 0):
         raise RequestError("seed resize needs both a width and a height (or neither), got "
-                           f"{req.seed_resize_from_w}x{req.seed_resize_from_h}", "seed_resize_from_w")
+                           f"{variation.resize_from_w}x{variation.resize_from_h}", "seed_resize_from_w")
 
 
 def resolve_variation(req: GenerationRequest, factor: int) -> GenerationRequest:
     """Check the resize against the latent factor and fix a random (-1) variation seed, when one is used."""
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
-        value = getattr(req, name)
+        value = getattr(req.variation, VARIATION_KEYS[name])
         if value % factor:
             raise RequestError(f"{name} must be a multiple of {factor}, got {value} "
                                f"(nearest: {value // factor * factor or factor})", name)
-    if uses_variation(req) and req.subseed == -1:
+    if uses_variation(req) and req.variation.seed == -1:
         return req.replace(subseed=random.randrange(2**32))
     return req

@@ -136,7 +136,7 @@ def build_plan(base: GenerationRequest, x: str, y: str | None = None, z: str | N
     """Parse the axis specs and make every cell's request from `base`."""
     if base.seed == -1:
         base = base.replace(seed=random.randrange(2**32))
-    if base.subseed == -1 and base.subseed_strength > 0:
+    if base.variation.seed == -1 and base.variation.strength > 0:
         base = base.replace(subseed=random.randrange(2**32))
     axes = (parse_axis(x, base), parse_axis(y, base) if y else None, parse_axis(z, base) if z else None)
     nx, ny, nz = (len(a.values) if a else 1 for a in axes)
