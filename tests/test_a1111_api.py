@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -95,10 +96,20 @@ def test_progress_polling_and_interrupt(api):
 
 
 def test_bad_input_is_a_422_naming_what_to_fix(api):
-    response = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "sampler_name": "Eulr"})
+    response = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                                                 "steps": 2, "restore_faces": True})
     assert response.status_code == 422
     body = response.json()
-    assert "Euler" in body["detail"] and set(body) >= {"error", "detail", "body", "errors"}
+    assert "restore_faces" in body["detail"] and set(body) >= {"error", "detail", "body", "errors"}
+
+
+def test_an_unknown_sampler_falls_back_as_a1111_and_says_so(api):
+    response = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "sampler_name": "Eulr",
+                                                                 "width": 64, "height": 64, "steps": 2})
+    assert response.status_code == 200
+    info = json.loads(response.json()["info"])
+    assert info["sampler_name"] == "DPM++ 2M" and "Sampler: DPM++ 2M" in info["infotexts"][0]
+    assert any("unknown sampler 'Eulr'" in w for w in info["warnings"])
 
 
 def test_controlnet_through_alwayson_scripts(api):

@@ -14,7 +14,7 @@ from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody, parse_body
 from sdstudio.a1111.controlnet import controlnet_module
 from sdstudio.a1111.options import A1111Options, error_body, samplers, schedulers, sd_models
 from sdstudio.a1111.responses import a1111_response
-from sdstudio.a1111.translate import to_native_payload
+from sdstudio.a1111.translate import sampler_choice, to_native_payload
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.pictures import decode_image
@@ -79,9 +79,19 @@ def test_legacy_sampler_name_maps_to_sampler_and_schedule():
     assert (req.sampler, req.schedule) == ("DPM++ 2M", "Karras")
     req = to_generation_request(Txt2ImgBody(sampler_name="DPM++ 2M", scheduler="sgm_uniform"))
     assert (req.sampler, req.schedule) == ("DPM++ 2M", "SGM Uniform")
-    with pytest.raises(RequestError, match=r"valid samplers: .*Euler a") as e:
-        to_generation_request(Txt2ImgBody(sampler_name="Restart"))
-    assert e.value.field == "sampler_name"
+    req = to_generation_request(Txt2ImgBody(sampler_name="DDIM", scheduler="normal"))  # SillyTavern's default
+    assert (req.sampler, req.schedule) == ("DDIM", "Normal")
+    req = to_generation_request(Txt2ImgBody(sampler_name="Euler a Karras"))
+    assert (req.sampler, req.schedule) == ("Euler a", "Karras")
+
+
+def test_unknown_names_fall_back_as_a1111_does():
+    body = Txt2ImgBody(sampler_name="Restart", scheduler="Nonsense")
+    choice, notes = sampler_choice(body)
+    assert (choice.sampler.name, choice.requested_schedule) == ("DPM++ 2M", "Automatic")
+    assert ["scheduler 'Nonsense'" in notes[0], "sampler 'Restart'" in notes[1]] == [True, True]
+    req = to_generation_request(body)
+    assert (req.sampler, req.schedule) == ("DPM++ 2M", "Automatic")
 
 
 def test_hires_fields_and_override_settings():

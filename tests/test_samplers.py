@@ -37,8 +37,6 @@ DOCUMENTED: dict[str, tuple[str, dict[str, Any], str, tuple[str, ...]]] = {
                      "Exponential", SIGMA),
     "DPM++ 3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
                      "Exponential", SIGMA),
-    "DPM++ 2S a": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
-                   "Karras", SIGMA),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}, AUTOMATIC, SPACING),
     "Euler": ("EulerDiscreteScheduler", {}, AUTOMATIC, SIGMA),
     "LMS": ("LMSDiscreteScheduler", {}, AUTOMATIC, SIGMA),
@@ -62,7 +60,9 @@ SCHEDULE_OVERRIDES: dict[str, dict[str, Any]] = {
 PROMPT, STEPS, CFG, SEED = "a circle", 6, 7.0, 3  # 6 steps: fewer never reach DPM++ 3M SDE's third order
 LATENT_TOL = {"rtol": 1e-5, "atol": 1e-4}  # ours vs diffusers, same modules and kernels: measured 0.0 (bitwise)
 CASES = [pytest.param(spec, schedule, id=f"{spec.name}-{schedule}")
-         for spec in SAMPLERS for schedule in (AUTOMATIC, *spec.schedules)]
+         for spec in SAMPLERS if spec.scheduler_class for schedule in (AUTOMATIC, *spec.native)]
+K_CASES = [pytest.param(spec, schedule, id=f"{spec.name}-{schedule}") for spec in SAMPLERS if spec.ksampler
+           for schedule in (AUTOMATIC, *spec.schedules) if not resolve_sampler(spec.name, schedule).native]
 
 
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def reference_pipe(engine) -> StableDiffusionPipeline:
 @pytest.mark.parametrize(("spec", "schedule"), CASES)
 def test_every_sampler_and_schedule_matches_diffusers(engine, reference_pipe, spec, schedule):
     class_name, _, automatic, schedules = DOCUMENTED[spec.name]
-    assert spec.schedules == schedules
+    assert spec.native == schedules
     choice = resolve_sampler(spec.name, schedule)
     assert choice.schedule == (automatic if schedule == AUTOMATIC else schedule)
     model_config = engine.load().scheduler_config
@@ -124,7 +124,6 @@ def test_every_sampler_and_schedule_matches_diffusers(engine, reference_pipe, sp
 
 def xfail_ignored_spacing(spec):
     reason = {  # found by this test; an explicit schedule type must never be a silent no-op (docs/samplers.md)
-        "DPM++ 2S a": "DPMSolverSinglestepScheduler has no timestep_spacing: SGM Uniform is silently Uniform",
         "LCM": "LCMScheduler ignores timestep_spacing: Uniform and SGM Uniform are both its own schedule",
     }.get(spec.name)
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
@@ -133,14 +132,58 @@ def xfail_ignored_spacing(spec):
 
 @pytest.mark.parametrize("spec", [xfail_ignored_spacing(s) for s in SAMPLERS])
 def test_each_schedule_type_changes_the_timesteps(engine, spec):
-    """Schedule types the sampler accepts give distinct timesteps: none is dropped or ignored."""
+    """Schedule types the sampler runs give distinct timesteps: none is dropped or ignored. A1111's own
+    definitions make two repeat others on a discrete model, checked in test_ksamplers.py: Polyexponential (rho 1)
+    is Exponential and Normal (t(sigma_max) .. t(sigma_min) = 999 .. 0) is Uniform. Types a timestep sampler
+    ignores are announced, not run."""
     model_config = engine.load().scheduler_config
     timesteps = {}
     for schedule in spec.schedules:
-        scheduler = resolve_sampler(spec.name, schedule).build(model_config)
+        choice = resolve_sampler(spec.name, schedule)
+        if schedule in ("Polyexponential", "Normal") or choice.note:
+            continue
+        scheduler = choice.build(model_config)
         scheduler.set_timesteps(STEPS)
         timesteps[schedule] = tuple(round(float(t), 3) for t in scheduler.timesteps)
     assert len(set(timesteps.values())) == len(timesteps), timesteps
+
+
+@pytest.mark.parametrize(("spec", "schedule"), K_CASES)
+def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, reference_pipe, spec, schedule):
+    """The engine's loop driving KScheduler equals our k-diffusion steps driven directly by A1111's
+    CompVisDenoiser arithmetic on the same UNet: D(x; s) = x - s * eps(x / sqrt(s^2 + 1), t(s)), CFG on eps,
+    start noise * s_0, ancestral noise from the image's CPU generator, SDE noise from a Brownian tree."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    from sdstudio.samplers.ksteps import KSAMPLERS
+    from sdstudio.testing.ksamplers import drive
+
+    result = engine.generate(GenerationRequest(prompt=PROMPT, steps=STEPS, cfg_scale=CFG, sampler=spec.name,
+                                               schedule=schedule, seed=SEED))
+    assert result.images[0].record["sampler"]["scheduler"] == "KScheduler"
+    scheduler = resolve_sampler(spec.name, schedule).build(engine.load().scheduler_config, seeds=[SEED])
+    scheduler.set_timesteps(STEPS)
+    sigmas, unet = scheduler.sigmas, reference_pipe.unet
+    positive, negative = reference_pipe.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt="")
+    context = torch.cat([negative, positive])
+
+    def denoiser(x, sigma):
+        t = scheduler.table.sigma_to_t(sigma.reshape(1))
+        eps = unet(torch.cat([x] * 2) / (sigma**2 + 1) ** 0.5, t, encoder_hidden_states=context).sample
+        uncond, text = eps.chunk(2)
+        return x - sigma * (uncond + CFG * (text - uncond))
+
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn(tuple(result.latents.shape), generator=generator) * sigmas[0]
+    if KSAMPLERS[spec.ksampler][2]:
+        positive_sigmas = sigmas[sigmas > 0]
+        tree = BrownianTreeNoiseSampler(x, positive_sigmas.min(), positive_sigmas.max(), seed=[SEED])
+        noise = tree
+    else:
+        noise = lambda s, s_next: torch.randn(tuple(x.shape), generator=generator)  # noqa: E731
+    with torch.inference_mode():
+        expected = drive(KSAMPLERS[spec.ksampler][0], x, sigmas, denoiser, noise)
+    torch.testing.assert_close(result.latents, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("name", "sampler", "schedule"), [
@@ -172,8 +215,8 @@ def test_unknown_sampler_lists_the_valid_ones():
     assert e.value.field == "sampler"
 
 
-def test_unsupported_schedule_is_an_error_naming_the_supported_ones():
-    with pytest.raises(RequestError, match=r"'Euler a' does not support schedule type 'Karras'.*Automatic"):
-        resolve_sampler("Euler a", "Karras")
-    with pytest.raises(RequestError, match="unknown schedule type 'Polyexp'"):
+def test_unknown_schedule_is_an_error_with_the_closest_name():
+    with pytest.raises(RequestError, match=r"unknown schedule type 'Polyexp' \(did you mean 'Polyexponential'"):
         resolve_sampler("Euler", "Polyexp")
+    with pytest.raises(RequestError, match=r"unknown sampler 'Euler b' \(did you mean 'Euler a'\?\)"):
+        resolve_sampler("Euler b")

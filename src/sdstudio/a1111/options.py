@@ -11,6 +11,7 @@ from typing import Any
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_TYPES
+from sdstudio.samplers.catalog import SCHEDULE_NAMES
 
 VAE_AUTOMATIC = "Automatic"  # A1111's sd_vae: the checkpoint's own VAE (or one named like it)
 VAE_NONE = "None"            # ... the checkpoint's own VAE, never a separate file
@@ -66,7 +67,7 @@ def _text(value: Any, name: str) -> str:
 
 def schedule_key(label: str) -> str:
     """A1111's API name of a schedule type: "SGM Uniform" -> "sgm_uniform"."""
-    return label.lower().replace(" ", "_")
+    return SCHEDULE_NAMES[label][0]
 
 
 def samplers() -> list[dict[str, Any]]:
@@ -78,6 +79,8 @@ def samplers() -> list[dict[str, Any]]:
             options["scheduler"] = schedule_key(spec.default_schedule)
         if spec.stochastic:
             options["uses_ensd"] = "True"
+        if spec.discard_penultimate:
+            options["discard_next_to_last_sigma"] = "True"
         out.append({"name": spec.name, "aliases": list(spec.aliases), "options": options})
     return out
 
@@ -88,8 +91,14 @@ _SCHEDULER_TRAITS: Mapping[str, tuple[float, bool, list[str] | None]] = {
     "Uniform": (-1.0, True, None),
     "Karras": (7.0, False, None),
     "Exponential": (-1.0, False, None),
-    "Beta": (-1.0, True, None),
+    "Polyexponential": (1.0, False, None),
     "SGM Uniform": (-1.0, True, ["SGMUniform"]),
+    "KL Optimal": (-1.0, False, None),
+    "Align Your Steps": (-1.0, False, None),
+    "Simple": (-1.0, True, None),
+    "Normal": (-1.0, True, None),
+    "DDIM": (-1.0, True, None),
+    "Beta": (-1.0, True, None),
 }
 
 

@@ -57,9 +57,11 @@ def a1111_info(record: Mapping[str, Any], styles: list[str] | None = None,
 
 
 def a1111_response(body: Body, record: Mapping[str, Any], pngs: Sequence[bytes],
-                   timestamp: datetime | None = None) -> dict[str, Any]:
+                   timestamp: datetime | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
     """A1111's txt2img/img2img response: {images: [base64 PNG], parameters: the body, info: a JSON string}.
-    `pngs`: the job's stored files (they carry the infotext and our record, as A1111's API images do)."""
+    `pngs`: the job's stored files (they carry the infotext and our record, as A1111's API images do).
+    info also lists `warnings` (ours: names that fell back, adjustments the engine made), which A1111 lacks."""
     images = [base64.b64encode(png).decode("ascii") for png in pngs] if body.send_images else []
     info = a1111_info(record, body.styles, timestamp)
+    info["warnings"] = [*notes, *record.get("warnings", [])]
     return {"images": images, "parameters": echoed_parameters(body), "info": json.dumps(info, ensure_ascii=False)}

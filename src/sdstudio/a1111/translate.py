@@ -19,19 +19,17 @@ from sdstudio.a1111.names import IMG2IMG_RESIZE, MASKED_CONTENT, SAME_SAMPLER, S
 from sdstudio.a1111.options import A1111Options
 from sdstudio.errors import RequestError
 from sdstudio.pictures import decode_image, fit, fit_mask, image_to_b64
-from sdstudio.samplers import resolve_sampler
+from sdstudio.samplers import AUTOMATIC, SamplerChoice, resolve_sampler
+from sdstudio.samplers.catalog import canonical_schedule
+
+FALLBACK_SAMPLER = "DPM++ 2M"  # A1111's first sampler, what it runs for a name it does not know
 
 
 def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[str, Any]:
     """Our request payload for an A1111 txt2img or img2img body; `options` fills what override_settings leaves."""
     check_supported(body)
     opts = (options or A1111Options()).updated(body.override_settings or {})
-    sampler = (body.sampler_name or body.sampler_index or "Euler").strip()
-    schedule = (body.scheduler or "Automatic").strip()
-    try:
-        choice = resolve_sampler(sampler, schedule)
-    except RequestError as e:
-        raise RequestError(str(e), "sampler_name" if e.field == "sampler" else "scheduler") from None
+    choice, _ = sampler_choice(body)
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=body.width, height=body.height,
         steps=body.steps, cfg_scale=body.cfg_scale, sampler=choice.sampler.name, schedule=choice.requested_schedule,
@@ -47,6 +45,25 @@ def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[s
         fields.update(_img2img_fields(body))
     fields["controlnets"] = controlnet_units(body.alwayson_scripts)
     return fields
+
+
+def sampler_choice(body: Body) -> tuple[SamplerChoice, list[str]]:
+    """The body's sampler and scheduler, falling back as A1111 does (sd_samplers.get_sampler_and_scheduler):
+    an unknown scheduler -> Automatic, an unknown sampler -> its first sampler, DPM++ 2M; with what fell back,
+    for the user (the infotext records what ran)."""
+    sampler = (body.sampler_name or body.sampler_index or "Euler").strip()
+    schedule = (body.scheduler or AUTOMATIC).strip()
+    notes = []
+    try:
+        canonical_schedule(schedule)
+    except RequestError:
+        notes.append(f"unknown scheduler {schedule!r}: used Automatic, as AUTOMATIC1111 does")
+        schedule = AUTOMATIC
+    try:
+        return resolve_sampler(sampler, schedule), notes
+    except RequestError:
+        notes.append(f"unknown sampler {sampler!r}: used {FALLBACK_SAMPLER}, as AUTOMATIC1111 does")
+        return resolve_sampler(FALLBACK_SAMPLER, schedule), notes
 
 
 def _hires_fields(body: Txt2ImgBody) -> dict[str, Any]:

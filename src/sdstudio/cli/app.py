@@ -190,9 +190,11 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG made by sdstudio or A
 def samplers() -> None:
     """List the samplers and the schedule types each supports."""
     for s in SAMPLERS:
-        typer.echo(f"{s.name:<14} {s.scheduler_class:<34} schedules: {', '.join(('Automatic', *s.schedules))}"
-                   f"  (Automatic = {s.default_schedule})")
-    typer.echo(f"\nSchedule types: {', '.join(SCHEDULE_TYPES)}")
+        native = f"{s.scheduler_class} for {', '.join(('Automatic', *s.native))}" if s.scheduler_class else ""
+        rest = "the rest" if s.scheduler_class else "every schedule type"
+        ours = f"our k-diffusion steps for {rest}" if s.ksampler else "its own timesteps for the rest"
+        typer.echo(f"{s.name:<18} Automatic = {s.default_schedule:<12} {'; '.join(x for x in (native, ours) if x)}")
+    typer.echo(f"\nSchedule types (every sampler takes each): {', '.join(SCHEDULE_TYPES)}")
 
 
 @app.command("eval-demo")

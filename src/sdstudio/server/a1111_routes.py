@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody
 from sdstudio.a1111.infotext import parse_infotext
 from sdstudio.a1111.options import A1111Options
 from sdstudio.a1111.responses import a1111_response
-from sdstudio.a1111.translate import to_native_payload
+from sdstudio.a1111.translate import sampler_choice, to_native_payload
 from sdstudio.engine.pipelines.upscale import UpscaleRequest, latent_upscale_modes
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
 from sdstudio.models.find import catalog
@@ -28,6 +29,7 @@ from sdstudio.server.payload import decode_request
 from sdstudio.server.state import ServerState
 from sdstudio.storage.images import text_chunks
 
+log = logging.getLogger(__name__)
 A1111_KIND = "sdapi"  # the job kind of A1111-route jobs, as history shows them
 
 
@@ -48,7 +50,10 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
                 reason = "interrupted"
             raise RequestError(reason or "the job did not finish", "job")
         pngs = [(state.images_dir / name).read_bytes() for name in done.result["images"]]
-        return a1111_response(body, done.result, pngs)
+        notes = sampler_choice(body)[1]
+        for note in notes:
+            log.warning("A1111 request: %s", note)
+        return a1111_response(body, done.result, pngs, notes=notes)
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:

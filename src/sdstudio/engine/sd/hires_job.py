@@ -98,7 +98,7 @@ class HiresJob:
 
 def evaluations(model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, has_init: bool) -> int:
     """How many model evaluations a job's loop will make (a fresh scheduler's timesteps, on the CPU)."""
-    scheduler = choice.build(model.scheduler_config, [0], zero_snr=req.zero_terminal_snr)
+    scheduler = choice.build(model.scheduler_config, [0], zero_snr=req.zero_terminal_snr, xl=model.is_xl)
     return len(schedule_timesteps(scheduler, req, has_init, torch.device("cpu")))
 
 

@@ -199,7 +199,7 @@ class Job:
 
     def run_batch(self, iteration: int, seeds: list[int], init: Tensor | None, inputs: JobInputs) -> BatchOutput:
         req, model, inpaint = self.req, self.model, inputs.inpaint
-        scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr)
+        scheduler = self.choice.build(model.scheduler_config, seeds, zero_snr=req.zero_terminal_snr, xl=model.is_xl)
         timesteps = schedule_timesteps(scheduler, req, init is not None, model.device)
         generators = make_generators(seeds)
         f = model.vae_scale_factor
@@ -272,7 +272,7 @@ class Job:
             model={"name": model.name, "sha256": model.sha256, "hash": model.short_hash, "family": model.family,
                    "prediction_type": model.prediction_type, "vae": vae and {"name": vae[0], "hash": vae[1]}},
             sampler={"name": req.sampler, "schedule": req.schedule,
-                     "scheduler": self.choice.sampler.scheduler_class, "config": batch.scheduler_config},
+                     "scheduler": batch.scheduler_config.get("_class_name"), "config": batch.scheduler_config},
             env=environment(model.device, model.dtype),
             addons=self.addons.record(),
         )

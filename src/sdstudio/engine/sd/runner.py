@@ -15,7 +15,7 @@ from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
-from sdstudio.engine.sd.hires import output_pixels
+from sdstudio.engine.sd.hires import output_pixels, requested_choice
 from sdstudio.engine.sd.hires_job import HiresJob
 from sdstudio.engine.sd.job import Job
 from sdstudio.engine.sd.stages import set_vae_tiling
@@ -82,6 +82,8 @@ class SdRunner:
         start = time.perf_counter()
         model = self.models.get(job.model)
         request, warnings = inpaint_checks(job.request, model)
+        second = requested_choice(job.request) if job.request.hires is not None else None
+        warnings += [c.note for c in (job.sampler, second) if c is not None and c.note]
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req = resolve_request(request, job.sampler, geometry, self.settings.limits, model.name)
