@@ -150,3 +150,26 @@ def test_native_progress_stream(api):
                 previews += 1
     assert kinds[-1] == "done" and set(kinds[:-1]) <= {"progress"}
     assert previews > 0  # 150 steps take long enough for the 4-per-second stream to see the running job
+
+
+def test_routes_clients_probe_answer_in_a1111s_shapes(api):
+    base = api.baseurl
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info"):
+        response = api.session.get(f"{base}/{route}")
+        assert response.status_code == 200 and response.json() == [], route
+    assert api.session.get(f"{base}/scripts").json() == {"txt2img": [], "img2img": []}
+    assert api.session.post(f"{base}/interrupt").json() == {} and api.session.post(f"{base}/skip").json() == {}
+    assert api.controlnet_version() == 2
+    models = api.controlnet_model_list()
+    assert any(m.startswith("demo-canny [") and m.endswith("]") and len(m.split("[")[1]) == 9 for m in models)
+    assert "canny" in api.controlnet_module_list()
+
+
+def test_sillytavern_default_sampler_and_a1111_default_with_karras(api):
+    for sampler, scheduler in (("DDIM", "normal"), ("Euler a", "Karras"), ("Euler a Karras", None)):
+        body = {"prompt": "a red circle", "sampler_name": sampler, "steps": 3, "width": 64, "height": 64}
+        if scheduler:
+            body["scheduler"] = scheduler
+        response = api.session.post(f"{api.baseurl}/txt2img", json=body)
+        assert response.status_code == 200, (sampler, scheduler, response.text)
+        assert len(response.json()["images"]) == 1

@@ -20,7 +20,7 @@ from sdstudio import GenerationRequest, ModelError, RequestError
     ({"n_iter": 0}, "n_iter", "n_iter must be between 1 and 100, got 0"),
     ({"seed": -2}, "seed", "seed must be between -1 and"),
     ({"steps": 2.5}, "steps", "steps must be a whole number, got 2.5"),
-    ({"sampler": "Euler z"}, "sampler", "unknown sampler 'Euler z' (did you mean 'Euler a'?); valid samplers: DPM++ 2M"),
+    ({"sampler": "Euler z"}, "sampler", "unknown sampler 'Euler z' (did you mean 'Euler a'?); valid samplers"),
 ])
 def test_bad_fields(engine, changes, field, message):
     with pytest.raises(RequestError) as e:

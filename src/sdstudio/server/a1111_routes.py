@@ -21,8 +21,10 @@ from sdstudio.a1111.options import A1111Options
 from sdstudio.a1111.responses import a1111_response
 from sdstudio.a1111.translate import sampler_choice, to_native_payload
 from sdstudio.engine.pipelines.upscale import UpscaleRequest, latent_upscale_modes
+from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
 from sdstudio.models.find import catalog
+from sdstudio.models.load import controlnet
 from sdstudio.models.load.vae import vae_files
 from sdstudio.pictures import decode_image
 from sdstudio.server.payload import decode_request
@@ -118,14 +120,18 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
                 "current_image": image, "textinfo": None, "current_task": running}
 
     @app.post("/sdapi/v1/interrupt")
-    def interrupt() -> None:
+    def interrupt() -> dict[str, Any]:
         """As A1111: the running job's current image is finished from the model's current estimate and
-        returned; no further batch is made. Queued jobs are not touched."""
+        returned; no further batch is made. Queued jobs are not touched. A1111 answers {}."""
         worker.interrupt(how="interrupt")
+        return {}
 
     @app.post("/sdapi/v1/skip")
-    def skip() -> None:
+    def skip() -> dict[str, Any]:
         worker.interrupt(how="skip")
+        return {}
+
+    add_discovery_routes(app, state)
 
     @app.post("/sdapi/v1/png-info")
     def read_png_info(data: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +174,33 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/sdapi/v1/memory")
     def memory() -> dict[str, Any]:
         return memory_report()
+
+
+def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
+    """Listings clients probe: what we have none of is an empty list in A1111's shape, not a 404; the
+    ControlNet extension's discovery routes list our ControlNets as `name [hash]` and our preprocessors."""
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info"):
+        app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"])
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/controlnet/version")
+    def controlnet_version() -> dict[str, int]:
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models(update: bool = True) -> dict[str, list[str]]:
+        paths = controlnet.available(state.engine.folders.controlnet)
+        hashes = state.engine.models.hashes  # 8 hex digits of the sha256, as the extension shows them
+        return {"model_list": [f"{p.stem if p.is_file() else p.name} [{hashes.model_sha256(p)[:8]}]" for p in paths]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
+        modules = ["none", *ALL_PREPROCESSORS]
+        return {"module_list": modules,
+                "module_detail": {m: {"model_free": False, "sliders": []} for m in modules}}
 
 
 def memory_report() -> dict[str, Any]:
