@@ -16,12 +16,15 @@ D(x; sigma) = (s^2 x + sigma^2 mu) / (s^2 + sigma^2); the step noise is one seed
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import diffusers.schedulers.scheduling_dpmsolver_sde  # noqa: F401  (before the torchvision stub)
 
@@ -30,7 +33,17 @@ from sdstudio.samplers.sigmas import SCHEDULES, DiscreteSigmas, schedule_sigmas
 from sdstudio.testing.ksamplers import BETAS, MU, SHAPE, STD, STEPS, drive, gaussian_denoiser, noise_stream, start
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "ksamplers.json"
-K_NAMES = {"dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"})}
+K_NAMES = {"dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+           "restart": ("sample_heun", {})}  # A1111's Restart is Heun under 20 steps (its own code, not k-diffusion's)
+
+
+def k_sampler(k: types.ModuleType, sampler: str) -> Callable[..., Any]:
+    """k-diffusion's function for our sampler, called as fn(model, x, sigmas, disable=True, **kwargs)."""
+    if sampler == "dpm_fast":  # A1111 passes the schedule's ends, n = steps and its eta_ancestral (1)
+        return lambda model, x, sigmas, **kw: k.sample_dpm_fast(model, x, sigmas[-2], sigmas[0], len(sigmas) - 1,
+                                                                eta=1.0, **kw)
+    k_name, extra = K_NAMES.get(sampler, (f"sample_{sampler}", {}))
+    return functools.partial(getattr(k, k_name), **extra)
 
 
 def load_k_diffusion() -> types.ModuleType:
@@ -69,13 +82,12 @@ def main() -> None:
     stored: dict[str, dict[str, list[float]]] = {}
     worst = 0.0
     for sampler, (run, _, _) in KSAMPLERS.items():
-        k_name, extra = K_NAMES.get(sampler, (f"sample_{sampler}", {}))
-        k_fn = getattr(k, k_name)
+        k_fn = k_sampler(k, sampler)
         stored[sampler] = {}
         for schedule in SCHEDULES:
             sigmas = schedule_sigmas(schedule, STEPS, table)
-            kwargs = dict(extra)
-            if "noise_sampler" in inspect.signature(k_fn).parameters:
+            kwargs = {}
+            if sampler == "dpm_fast" or "noise_sampler" in inspect.signature(k_fn).parameters:
                 kwargs["noise_sampler"] = noise_stream()
             ref = k_fn(lambda x, s: den(x, s), start(sigmas), sigmas, disable=True, **kwargs)
             ours = drive(run, start(sigmas), sigmas, den, noise_stream())

@@ -62,15 +62,17 @@ def test_png_info_reads_our_images(api):
 
 
 def test_set_and_get_model(api):
-    titles = api.util_get_model_names()
-    assert "demo" in titles and "demo-copy" in titles
+    models = {m["model_name"]: m for m in api.get_sd_models()}
+    demo = models["demo"]  # bundled models carry their real hash, in the title too, as A1111 lists them
+    assert len(demo["sha256"]) == 64 and demo["hash"] == demo["sha256"][:10]
+    assert demo["title"] == f"demo [{demo['hash']}]" and models["demo-copy"]["sha256"] == demo["sha256"]
     api.util_set_model("demo-copy")
-    assert api.util_get_current_model() == "demo-copy"
+    assert api.util_get_current_model() == models["demo-copy"]["title"]
     result = api.txt2img(prompt="a red circle", seed=1, width=64, height=64, steps=2)
-    assert result.info["sd_model_name"] == "demo-copy"
+    assert result.info["sd_model_name"] == "demo-copy" and result.info["sd_model_hash"] == demo["hash"]
     api.util_set_model("demo")
     refused = api.set_options({"sd_model_checkpoint": "no-such-model"})  # webuiapi returns the error body
-    assert "no-such-model" in refused["detail"] and api.util_get_current_model() == "demo"
+    assert "no-such-model" in refused["detail"] and api.util_get_current_model() == demo["title"]
 
 
 def test_progress_polling_and_interrupt(api):
@@ -132,8 +134,43 @@ def test_listings_and_extras(api):
     assert "Latent (bicubic)" in {m["name"] for m in api.get_latent_upscale_modes()}
     assert api.get_sd_vae() == [] and api.get_loras() == []
     assert api.get_options()["CLIP_stop_at_last_layers"] == 1
-    bigger = api.extra_single_image(Image.new("RGB", (32, 32), "red"), upscaling_resize=2)
-    assert bigger.image.size == (64, 64)
+
+
+
+def test_extras_have_a1111s_semantics(api):
+    red = Image.new("RGB", (32, 16), "red")
+    same = api.extra_single_image(red, upscaling_resize=2)  # upscaler_1 "None", webuiapi's default: unchanged
+    assert same.image.size == (32, 16) and same.info == ""
+    bigger = api.extra_single_image(red, upscaling_resize=2, upscaler_1="Lanczos")
+    assert bigger.image.size == (64, 32) and bigger.info.startswith("Postprocess upscale by: 2")
+    cropped = api.extra_single_image(red, resize_mode=1, upscaling_resize_w=48, upscaling_resize_h=48,
+                                     upscaler_1="Nearest")
+    assert cropped.image.size == (48, 48) and "Postprocess crop to: 48x48" in cropped.info
+    assert cropped.image.getpixel((24, 24)) == (255, 0, 0)  # scaled to cover 48x48, centre-cropped
+    blend = api.extra_single_image(Image.new("RGB", (8, 8), "white"), upscaling_resize=2, upscaler_1="Nearest",
+                                   upscaler_2="Bilinear", extras_upscaler_2_visibility=0.5)
+    assert "Postprocess upscaler 2 visibility: 0.5" in blend.info
+    batch = api.extra_batch_images([red, Image.new("RGB", (8, 8), "blue")], upscaling_resize=3, upscaler_1="Lanczos")
+    assert [im.size for im in batch.images] == [(96, 48), (24, 24)]
+    with pytest.raises(RuntimeError, match=r"422.*codeformer_visibility"):
+        api.extra_single_image(red, codeformer_visibility=0.5, upscaler_1="Lanczos")
+
+
+def test_options_are_a1111s_whole_table_kept_checked_and_acted_on(api):
+    options = api.get_options()
+    assert len(options) > 280 and options["send_seed"] is True  # A1111's own test_options_write
+    api.set_options({"send_seed": False, "samples_format": "jpg", "my_extension_option": [1, 2]})
+    assert api.get_options()["send_seed"] is False and api.get_options()["my_extension_option"] == [1, 2]
+    result = api.txt2img(prompt="a red circle", seed=3, width=64, height=64, steps=2)
+    assert result.image.format == "JPEG"  # samples_format takes effect, the infotext in EXIF as A1111 writes it
+    sent = api.session.post(f"{api.baseurl}/png-info", json={"image": result.json["images"][0]}).json()
+    assert sent["info"].startswith("a red circle\n") and sent["parameters"]["Seed"] == "3"
+    refused = api.session.post(f"{api.baseurl}/options", json={"CLIP_stop_at_last_layers": 1e30, "send_seed": True})
+    assert refused.status_code == 422 and "CLIP_stop_at_last_layers" in refused.json()["detail"]
+    assert api.get_options()["send_seed"] is False  # a refused request changes nothing
+    api.set_options({**api.get_options(), "samples_format": "png", "send_seed": True})  # GET posted back whole
+    again = api.txt2img(prompt="a red circle", seed=3, width=64, height=64, steps=2)
+    assert again.image.format == "PNG" and again.info["clip_skip"] == 1
 
 
 def test_native_progress_stream(api):
@@ -154,15 +191,25 @@ def test_native_progress_stream(api):
 
 def test_routes_clients_probe_answer_in_a1111s_shapes(api):
     base = api.baseurl
-    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info"):
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
         response = api.session.get(f"{base}/{route}")
         assert response.status_code == 200 and response.json() == [], route
-    assert api.session.get(f"{base}/scripts").json() == {"txt2img": [], "img2img": []}
+    assert api.session.get(f"{base}/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    assert {s["name"] for s in api.session.get(f"{base}/script-info").json()} == {"controlnet"}
     assert api.session.post(f"{base}/interrupt").json() == {} and api.session.post(f"{base}/skip").json() == {}
     assert api.controlnet_version() == 2
     models = api.controlnet_model_list()
     assert any(m.startswith("demo-canny [") and m.endswith("]") and len(m.split("[")[1]) == 9 for m in models)
     assert "canny" in api.controlnet_module_list()
+    detected = api.controlnet_detect([Image.new("RGB", (64, 32), "black")], module="canny", processor_res=64)
+    assert detected.images[0].size == (128, 64) and detected.info == "Success"
+    flags = api.get_cmd_flags()
+    assert flags["api"] is True and not any("/" in str(v) for v in flags.values())  # no local paths
+    refused = api.session.post(f"{base}/interrogate", json={"image": "", "model": "clip"})
+    assert refused.status_code == 422 and "captioning model" in refused.json()["detail"]
+    for route in ("refresh-loras", "refresh-embeddings", "refresh-vae"):
+        assert api.session.post(f"{base}/{route}").status_code == 200
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}} and api.get_hypernetworks() == []
 
 
 def test_sillytavern_default_sampler_and_a1111_default_with_karras(api):
@@ -173,3 +220,28 @@ def test_sillytavern_default_sampler_and_a1111_default_with_karras(api):
         response = api.session.post(f"{api.baseurl}/txt2img", json=body)
         assert response.status_code == 200, (sampler, scheduler, response.text)
         assert len(response.json()["images"]) == 1
+
+
+def test_every_webuiapi_method_that_needs_no_download(api):
+    """Each of webuiapi's methods a server without extensions or downloaded models can serve answers in the
+    shape webuiapi reads; those it cannot (interrogate, face restoration) raise with a 422 that says why."""
+    listings = {"get_samplers": list, "get_schedulers": list, "get_sd_models": list, "get_sd_vae": list,
+                "get_upscalers": list, "get_latent_upscale_modes": list, "get_loras": list, "get_hypernetworks": list,
+                "get_face_restorers": list, "get_realesrgan_models": list, "get_prompt_styles": list,
+                "get_scripts": dict, "get_embeddings": dict, "get_memory": dict, "get_options": dict,
+                "get_cmd_flags": dict, "get_progress": dict, "controlnet_model_list": list,
+                "controlnet_module_list": list, "util_get_model_names": list, "util_get_sampler_names": list,
+                "util_get_scheduler_names": list}
+    for method, kind in listings.items():
+        assert isinstance(getattr(api, method)(), kind), method
+    assert api.controlnet_version() == 2 and api.util_get_current_model()
+    assert "DPM fast" in api.util_get_sampler_names() and "Restart" in api.util_get_sampler_names()
+    api.util_wait_for_ready(check_interval=0.1)  # idle: returns at once
+    assert api.refresh_checkpoints() is None
+    api.check_extensions()
+    assert api.custom_get("controlnet/version") == {"version": 2}
+    assert api.interrupt() is not None and api.skip() is not None
+    with pytest.raises(RuntimeError, match="422"):
+        api.interrogate(Image.new("RGB", (8, 8)))
+    with pytest.raises(RuntimeError, match="422"):
+        api.extra_single_image(Image.new("RGB", (8, 8)), gfpgan_visibility=1, upscaler_1="Lanczos")

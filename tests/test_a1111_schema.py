@@ -14,7 +14,7 @@ from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody, parse_body
 from sdstudio.a1111.controlnet import controlnet_module
 from sdstudio.a1111.options import A1111Options, error_body, samplers, schedulers, sd_models
 from sdstudio.a1111.responses import a1111_response
-from sdstudio.a1111.translate import sampler_choice, to_native_payload
+from sdstudio.a1111.translate import fallback_notes, sampler_choice, to_native_payload
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.pictures import decode_image
@@ -86,12 +86,17 @@ def test_legacy_sampler_name_maps_to_sampler_and_schedule():
 
 
 def test_unknown_names_fall_back_as_a1111_does():
-    body = Txt2ImgBody(sampler_name="Restart", scheduler="Nonsense")
+    body = Txt2ImgBody(sampler_name="DPM adaptive", scheduler="Nonsense")
     choice, notes = sampler_choice(body)
     assert (choice.sampler.name, choice.requested_schedule) == ("DPM++ 2M", "Automatic")
-    assert ["scheduler 'Nonsense'" in notes[0], "sampler 'Restart'" in notes[1]] == [True, True]
+    assert ["scheduler 'Nonsense'" in notes[0], "sampler 'DPM adaptive'" in notes[1]] == [True, True]
     req = to_generation_request(body)
     assert (req.sampler, req.schedule) == ("DPM++ 2M", "Automatic")
+    hires = Txt2ImgBody(enable_hr=True, hr_sampler_name="DPM adaptive", hr_scheduler="Karras")
+    assert [(r.hires.sampler, r.hires.schedule) for r in [to_generation_request(hires)]] == [("DPM++ 2M", "Karras")]
+    assert "unknown hires sampler 'DPM adaptive'" in fallback_notes(hires)[0]
+    same = Txt2ImgBody(enable_hr=True, hr_sampler_name="Use same sampler", hr_scheduler="sometimes")
+    assert to_generation_request(same).hires.schedule == "" and "hires scheduler" in fallback_notes(same)[0]
 
 
 def test_hires_fields_and_override_settings():
@@ -100,7 +105,7 @@ def test_hires_fields_and_override_settings():
         hr_sampler_name="Use same sampler", hr_scheduler="Karras", hr_prompt="sharp", denoising_strength=0.55,
         override_settings={"sd_model_checkpoint": "tiny.safetensors [0123456789]", "sd_vae": "None",
                            "CLIP_stop_at_last_layers": 2, "samples_format": "png"}))
-    options = A1111Options(sd_model_checkpoint="other", sd_vae="my.vae.pt", clip_skip=1)
+    options = A1111Options().updated({"sd_model_checkpoint": "other", "sd_vae": "my.vae.pt"})
     req = to_generation_request(body, options)
     assert (req.enable_hr, req.hires.scale, req.hires.upscaler, req.hires.steps) == (True, 1.5, "Latent (bicubic)", 5)
     assert (req.hires.sampler, req.hires.schedule, req.hires.prompt, req.strength) == ("", "Karras", "sharp", 0.55)
@@ -221,10 +226,38 @@ def test_listings_and_error_body(tmp_path: Path):
     assert error_body(422, "steps must be >= 1", "steps") == {
         "error": "RequestError", "detail": "steps must be >= 1", "body": "", "errors": "steps: steps must be >= 1"}
     assert error_body(404, "Not Found")["error"] == "HTTPException"
-    opts = A1111Options().updated({"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2})
-    assert opts.to_dict() == {"sd_model_checkpoint": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2}
-    with pytest.raises(RequestError):
-        A1111Options().updated({"CLIP_stop_at_last_layers": 0})
+
+
+def test_options_list_every_a1111_key_with_its_default_and_check_values():
+    options = A1111Options().to_dict()
+    assert len(options) > 280  # A1111 1.10's GET /options, its built-in Lora extension's included
+    assert {k: options[k] for k in ("send_seed", "samples_format", "CLIP_stop_at_last_layers", "sd_vae",
+                                    "eta_noise_seed_delta", "sd_noise_schedule", "live_previews_enable",
+                                    "outdir_txt2img_samples", "sd_lora")} == {
+        "send_seed": True, "samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+        "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default", "live_previews_enable": True,
+        "outdir_txt2img_samples": "outputs/txt2img-images", "sd_lora": "None"}
+    opts = A1111Options().updated({"send_seed": False, "CLIP_stop_at_last_layers": 2.0, "jpeg_quality": 90,
+                                   "some_extension_option": {"any": ["json"]}})
+    assert opts.get("send_seed") is False and opts.get("some_extension_option") == {"any": ["json"]}
+    assert opts.get("CLIP_stop_at_last_layers") == 2 and isinstance(opts.get("CLIP_stop_at_last_layers"), int)
+    assert A1111Options.restored(dict(opts.values)) == opts  # what the server stores, it reads back
+    bad = [("CLIP_stop_at_last_layers", 1e30), ("CLIP_stop_at_last_layers", "2"), ("CLIP_stop_at_last_layers", 1.5),
+           ("send_seed", "yes"), ("jpeg_quality", 0), ("samples_format", "bmp"), ("eta_ddim", float("nan")),
+           ("hidden_tabs", [1]), ("sd_vae", 3), ("api_useragent", "curl"), ("x", "y" * 5000)]
+    for key, value in bad:
+        with pytest.raises(RequestError) as e:
+            opts.updated({key: value})
+        assert e.value.field == key, (key, value)
+    assert opts.updated({"api_useragent": ""}) == opts  # a client posting back GET /options unchanged is fine
+
+
+def test_options_sdstudio_acts_on_become_request_fields():
+    opts = A1111Options().updated({"sd_noise_schedule": "Zero Terminal SNR", "sdxl_crop_left": 8, "sdxl_crop_top": 16,
+                                   "emphasis": "None", "eta_noise_seed_delta": 31337, "sd_vae": "None"})
+    req = to_generation_request(Txt2ImgBody(prompt="a"), opts)
+    assert (req.zero_terminal_snr, req.crop_left_top, req.prompt_syntax, req.eta_noise_seed_delta, req.vae) == (
+        True, (8, 16), "plain", 31337, "none")
 
 
 A1111_INFO_KEYS = {

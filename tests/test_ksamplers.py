@@ -7,6 +7,7 @@ exact denoiser of Gaussian data (scripts/check_ksamplers.py wrote it, and prints
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -88,3 +89,46 @@ def test_every_pair_resolves_and_a1111s_names_are_understood():
     assert resolve_sampler("dpmpp_2m", "ddim_uniform").schedule == "DDIM"
     assert resolve_sampler("DPM++ 2M SDE Heun Karras").schedule == "Karras"
     assert resolve_sampler("DDIM", "normal").note and resolve_sampler("DDIM", "normal").schedule == "Automatic"
+
+
+def evaluations(run, sigmas: torch.Tensor, **options) -> list[float]:
+    """The noise levels a sampler asks the model at (they depend on the sigmas alone)."""
+    steps, found = run(torch.zeros(1), sigmas, lambda s, s_next: torch.zeros(1), **options), []
+    try:
+        x, sigma = next(steps)
+        while True:
+            found.append(float(sigma))
+            x, sigma = steps.send((x, torch.zeros(1)))
+    except StopIteration:
+        return found
+
+
+def test_restart_from_20_steps_jumps_back_and_reaches_the_data():
+    """A1111's Restart: 20 steps = 11 Karras Heun steps (21 evaluations) and one restart of 9 Heun steps from
+    the level nearest 2 back down to the one nearest 0.1 (18); 36 steps restart twice with 9 each."""
+    restart = KSAMPLERS["restart"][0]
+    for steps, count, jumps in ((20, 39, 1), (36, 71, 2)):
+        sigmas = schedule_sigmas("Karras", steps, TABLE)
+        levels = evaluations(restart, sigmas)
+        ups = [(a, b) for a, b in itertools.pairwise(levels) if b > a * 1.5]
+        assert len(levels) == count and len(ups) == jumps, (steps, levels)
+        assert all(0.05 < a < 0.2 and 1.5 < b < 2.5 for a, b in ups)
+        out = drive(restart, start(sigmas), sigmas, gaussian_denoiser(MU, STD), noise_stream())
+        assert abs(float(out.mean()) - MU) < 3 * STD
+
+
+def test_img2img_runs_the_sampler_on_the_cut_schedule():
+    """KScheduler.set_begin_index plans the evaluations of a run on sigmas[step:], as A1111's img2img runs the
+    sampler on the cut schedule: the same points for Heun, fewer than 20 levels (no restart) for Restart, and
+    DPM fast from the cut to the schedule's last level instead of the model's smallest sigma."""
+    from sdstudio.samplers.kscheduler import KScheduler
+
+    config = EulerDiscreteScheduler(**BETAS).config
+    for sampler, steps, step in (("heun", 10, 4), ("restart", 24, 12), ("dpm_fast", 9, 3)):
+        scheduler = KScheduler(sampler, "Karras", config)
+        scheduler.set_timesteps(steps)
+        begin = step * scheduler.order
+        scheduler.set_begin_index(begin)
+        cut = scheduler.sigmas[step:]
+        expected = TABLE.sigma_to_t(torch.tensor(evaluations(KSAMPLERS[sampler][0], cut)))
+        torch.testing.assert_close(scheduler.timesteps[begin:], expected, msg=sampler)

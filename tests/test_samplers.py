@@ -11,6 +11,7 @@ SDE's Brownian tree is seeded through the scheduler config (noise_sampler_seed),
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Mapping
@@ -182,7 +183,8 @@ def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, refere
     else:
         noise = lambda s, s_next: torch.randn(tuple(x.shape), generator=generator)  # noqa: E731
     with torch.inference_mode():
-        expected = drive(KSAMPLERS[spec.ksampler][0], x, sigmas, denoiser, noise)
+        run = functools.partial(KSAMPLERS[spec.ksampler][0], **scheduler.run_options(sigmas))
+        expected = drive(run, x, sigmas, denoiser, noise)
     torch.testing.assert_close(result.latents, expected, rtol=1e-4, atol=1e-4)
 
 

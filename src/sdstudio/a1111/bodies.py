@@ -111,3 +111,65 @@ def script_args(script: Any, name: str) -> list[Any]:
     if not isinstance(script, dict) or not isinstance(script.get("args", []), list):
         raise RequestError(f"alwayson_scripts.{name} must be {{\"args\": [...]}}", "alwayson_scripts")
     return [a for a in script.get("args", []) if a]
+
+
+class ExtrasBody(BaseModel):
+    """POST /sdapi/v1/extra-single-image and extra-batch-images (A1111's ExtrasBaseRequest), A1111's defaults.
+
+    resize_mode 0: scale by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h (scaled to cover,
+    then centre-cropped when upscaling_crop). upscaler_1 "None": the image is returned unchanged."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    resize_mode: int = Field(0, ge=0, le=1)
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, ge=0, le=1)
+    codeformer_visibility: float = Field(0.0, ge=0, le=1)
+    codeformer_weight: float = Field(0.0, ge=0, le=1)
+    upscaling_resize: float = Field(2.0, ge=1, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleBody(ExtrasBody):
+    image: str = ""
+
+
+class ExtrasBatchItem(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchBody(ExtrasBody):
+    imageList: list[ExtrasBatchItem] = Field(default_factory=list)
+
+
+def check_extras(body: ExtrasBody) -> None:
+    """Face restoration is refused as restore_faces is, until a face restorer exists."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name) > 0:
+            raise RequestError(f"{name}: face restoration is not supported by sdstudio (no face restorer is "
+                               f"installed): send {name} 0", name)
+
+
+class DetectBody(BaseModel):
+    """POST /controlnet/detect (the sd-webui-controlnet extension's): run a module on pictures. webuiapi sends
+    the pictures as controlnet_images, the extension names them controlnet_input_images; both are read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: int = Field(512, ge=64, le=2048)
+    controlnet_threshold_a: float = 64
+    controlnet_threshold_b: float = 64
+
+    @property
+    def images(self) -> list[str]:
+        return self.controlnet_input_images or self.controlnet_images

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdstudio.a1111.hires_infotext import hires_fields, hires_params
-from sdstudio.samplers import split_legacy_name
+from sdstudio.errors import RequestError
+from sdstudio.samplers import resolve_sampler, split_legacy_name
 
 # "Key: value" pairs; a key starts with a word character; a value is a JSON string or runs to a comma.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -80,10 +81,19 @@ def generation_params(request: Mapping[str, Any], seed: int, model_hash: str, ve
         "Soft inpainting enabled": True if inpaint and r["soft_inpainting"] else None,
         "CFG Rescale phi": r["guidance_rescale"] or None,
         "Noise Schedule": "Zero Terminal SNR" if r["zero_terminal_snr"] else None,
+        "ENSD": r["eta_noise_seed_delta"] if r.get("eta_noise_seed_delta") and _uses_ensd(r["sampler"]) else None,
         **hires_params(r),
         **(extra or {}),
         "Version": f"sdstudio {version}",
     }
+
+
+def _uses_ensd(sampler: str) -> bool:
+    """A1111 writes ENSD only for samplers that draw step noise."""
+    try:
+        return resolve_sampler(sampler).sampler.stochastic
+    except RequestError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,8 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Masked area padding": ("only_masked_padding", int),
                    "Denoising start": ("denoising_start", float), "Denoising end": ("denoising_end", float),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
-                   "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int)}
+                   "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
+                   "ENSD": ("eta_noise_seed_delta", int)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:

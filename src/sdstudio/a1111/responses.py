@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from PIL import Image
+
 from sdstudio.a1111.bodies import Body, Img2ImgBody
 from sdstudio.a1111.infotext import parse_infotext
+from sdstudio.storage.images import text_chunks, user_comment
 
 
 def echoed_parameters(body: Body) -> dict[str, Any]:
@@ -24,6 +28,20 @@ def echoed_parameters(body: Body) -> dict[str, Any]:
 _INFO_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size-1", "Size-2", "Model hash", "Model", "VAE hash", "VAE",
               "Variation seed", "Variation seed strength", "Seed resize from-1", "Seed resize from-2",
               "Denoising strength", "Clip skip", "Version")
+
+
+def encoded(png: bytes, image_format: str) -> str:
+    """A stored PNG as base64 in `image_format`: png as stored; jpg/jpeg/webp as A1111's API encodes them
+    (RGB, quality 80 for JPEG, the infotext as EXIF UserComment)."""
+    if image_format.lower() == "png":
+        return base64.b64encode(png).decode("ascii")
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        infotext = text_chunks(image).get("parameters", "")
+        buffer = io.BytesIO()
+        kind = "JPEG" if image_format.lower() in ("jpg", "jpeg") else "WEBP"
+        image.convert("RGB").save(buffer, format=kind, quality=80, exif=user_comment(infotext))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def a1111_info(record: Mapping[str, Any], styles: list[str] | None = None,
@@ -57,11 +75,13 @@ def a1111_info(record: Mapping[str, Any], styles: list[str] | None = None,
 
 
 def a1111_response(body: Body, record: Mapping[str, Any], pngs: Sequence[bytes],
-                   timestamp: datetime | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
-    """A1111's txt2img/img2img response: {images: [base64 PNG], parameters: the body, info: a JSON string}.
-    `pngs`: the job's stored files (they carry the infotext and our record, as A1111's API images do).
-    info also lists `warnings` (ours: names that fell back, adjustments the engine made), which A1111 lacks."""
-    images = [base64.b64encode(png).decode("ascii") for png in pngs] if body.send_images else []
+                   timestamp: datetime | None = None, notes: Sequence[str] = (),
+                   image_format: str = "png") -> dict[str, Any]:
+    """A1111's txt2img/img2img response: {images: [base64], parameters: the body, info: a JSON string}.
+    `pngs`: the job's stored files (they carry the infotext and our record, as A1111's API images do), sent as
+    they are, or in A1111's `samples_format` (jpg/webp, the infotext in EXIF). info also lists `warnings`
+    (ours: names that fell back, adjustments the engine made), which A1111 lacks."""
+    images = [encoded(png, image_format) for png in pngs] if body.send_images else []
     info = a1111_info(record, body.styles, timestamp)
     info["warnings"] = [*notes, *record.get("warnings", [])]
     return {"images": images, "parameters": echoed_parameters(body), "info": json.dumps(info, ensure_ascii=False)}

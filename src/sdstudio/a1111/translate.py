@@ -26,7 +26,8 @@ FALLBACK_SAMPLER = "DPM++ 2M"  # A1111's first sampler, what it runs for a name 
 
 
 def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[str, Any]:
-    """Our request payload for an A1111 txt2img or img2img body; `options` fills what override_settings leaves."""
+    """Our request payload for an A1111 txt2img or img2img body; the body's override_settings win over
+    `options` (the server's; None: A1111's defaults)."""
     check_supported(body)
     opts = (options or A1111Options()).updated(body.override_settings or {})
     choice, _ = sampler_choice(body)
@@ -35,8 +36,7 @@ def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[s
         steps=body.steps, cfg_scale=body.cfg_scale, sampler=choice.sampler.name, schedule=choice.requested_schedule,
         seed=body.seed, subseed=body.subseed, subseed_strength=body.subseed_strength,
         seed_resize_from_w=max(body.seed_resize_from_w, 0), seed_resize_from_h=max(body.seed_resize_from_h, 0),
-        batch_size=body.batch_size, n_iter=body.n_iter, model=opts.sd_model_checkpoint, vae=opts.vae,
-        clip_skip=opts.clip_skip,
+        batch_size=body.batch_size, n_iter=body.n_iter, **opts.request_fields(),
         strength=0.75 if body.denoising_strength is None else body.denoising_strength,
     )
     if isinstance(body, Txt2ImgBody):
@@ -51,30 +51,54 @@ def sampler_choice(body: Body) -> tuple[SamplerChoice, list[str]]:
     """The body's sampler and scheduler, falling back as A1111 does (sd_samplers.get_sampler_and_scheduler):
     an unknown scheduler -> Automatic, an unknown sampler -> its first sampler, DPM++ 2M; with what fell back,
     for the user (the infotext records what ran)."""
-    sampler = (body.sampler_name or body.sampler_index or "Euler").strip()
-    schedule = (body.scheduler or AUTOMATIC).strip()
+    return fallback_choice((body.sampler_name or body.sampler_index or "Euler").strip(),
+                           (body.scheduler or AUTOMATIC).strip())
+
+
+def fallback_choice(sampler: str, schedule: str, what: str = "") -> tuple[SamplerChoice, list[str]]:
+    """resolve_sampler, falling back on unknown names as A1111 does; `what` prefixes the notes ("hires ")."""
     notes = []
     try:
         canonical_schedule(schedule)
     except RequestError:
-        notes.append(f"unknown scheduler {schedule!r}: used Automatic, as AUTOMATIC1111 does")
+        notes.append(f"unknown {what}scheduler {schedule!r}: used Automatic, as AUTOMATIC1111 does")
         schedule = AUTOMATIC
     try:
         return resolve_sampler(sampler, schedule), notes
     except RequestError:
-        notes.append(f"unknown sampler {sampler!r}: used {FALLBACK_SAMPLER}, as AUTOMATIC1111 does")
+        notes.append(f"unknown {what}sampler {sampler!r}: used {FALLBACK_SAMPLER}, as AUTOMATIC1111 does")
         return resolve_sampler(FALLBACK_SAMPLER, schedule), notes
+
+
+def fallback_notes(body: Body) -> list[str]:
+    """What fell back to A1111's defaults in the body's sampler names (main pass, then hires), for the user."""
+    notes = sampler_choice(body)[1]
+    if isinstance(body, Txt2ImgBody) and body.enable_hr:
+        notes += _hires_sampler(body)[2]
+    return notes
+
+
+def _hires_sampler(body: Txt2ImgBody) -> tuple[str, str, list[str]]:
+    """hr_sampler_name and hr_scheduler as our request takes them ("": the first pass's), unknown names fallen
+    back as A1111 does, with notes."""
+    sampler, schedule = (body.hr_sampler_name or "").strip(), (body.hr_scheduler or "").strip()
+    same_schedule = schedule.lower() in SAME_SCHEDULER
+    if sampler.lower() in SAME_SAMPLER:
+        try:
+            return "", "" if same_schedule else canonical_schedule(schedule), []
+        except RequestError:
+            return "", "", [f"unknown hires scheduler {schedule!r}: used the first pass's, as AUTOMATIC1111 does"]
+    choice, notes = fallback_choice(sampler, AUTOMATIC if same_schedule else schedule, "hires ")
+    return choice.sampler.name, "" if same_schedule else choice.requested_schedule, notes
 
 
 def _hires_fields(body: Txt2ImgBody) -> dict[str, Any]:
     if not body.enable_hr:
         return {}
-    hr_sampler = body.hr_sampler_name or ""
-    hr_scheduler = body.hr_scheduler or ""
+    hr_sampler, hr_scheduler, _ = _hires_sampler(body)
     return dict(enable_hr=True, hr_scale=body.hr_scale, hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y,
                 hr_upscaler=body.hr_upscaler or "Latent", hr_second_pass_steps=body.hr_second_pass_steps,
-                hr_sampler_name="" if hr_sampler.lower() in SAME_SAMPLER else hr_sampler,
-                hr_scheduler="" if hr_scheduler.lower() in SAME_SCHEDULER else hr_scheduler,
+                hr_sampler_name=hr_sampler, hr_scheduler=hr_scheduler,
                 hr_prompt=body.hr_prompt, hr_negative_prompt=body.hr_negative_prompt)
 
 

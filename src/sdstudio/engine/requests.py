@@ -135,6 +135,7 @@ class GenerationRequest:
     vae: str | None = None  # None/"auto": the model's own VAE; "none" likewise; or a VAE file's name or path
     guidance_rescale: float = 0.0    # rescale-CFG phi (Lin et al. 2023, sec. 3.4); 0 is plain CFG
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (ibid. sec. 3.1)
+    eta_noise_seed_delta: int = 0    # A1111's ENSD: step noise of stochastic samplers from seed + this (0: seed's)
     # SDXL micro-conditioning (ignored by SD1/SD2): original size (None: the output size) and crop, as
     # (width, height) and (left, top); the refiner's aesthetic scores for the positive/negative branch.
     original_size: tuple[int, int] | None = None

@@ -92,6 +92,7 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
                            f"{limits.max_pixels}", "width")
     check_choice(req.prompt_syntax, PROMPT_SYNTAXES, "prompt_syntax")
     check_int(req.clip_skip, "clip_skip", 1, 12)
+    check_int(req.eta_noise_seed_delta, "eta_noise_seed_delta", 0, 2**32 - 1)
     if req.mask is not None and req.init_image is None:
         raise RequestError("a mask needs an init image to inpaint", "mask")
     check_int(req.mask_blur, "mask_blur", 0, 64)

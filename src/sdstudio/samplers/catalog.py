@@ -3,8 +3,8 @@
 A (sampler, schedule type) pair runs as diffusers' own scheduler where diffusers has it (the sampler's
 `native` schedule types), else as our k-diffusion steps on A1111's sigma schedule (ksteps.py, sigmas.py,
 kscheduler.py). A1111's timestep samplers (DDIM, PLMS, UniPC) keep their own timesteps for the other schedule
-types, as A1111 does, and say so in the result's warnings. DPM fast, DPM adaptive, Restart and DDIM CFG++ are
-not available (docs/samplers.md).
+types, as A1111 does, and say so in the result's warnings. DPM adaptive and DDIM CFG++ are not available
+(docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class SamplerSpec:
     one (timestep samplers) the other schedule types are ignored, as A1111 ignores them.
     default_schedule: what "Automatic" means (A1111 gives DPM++/DPM2 samplers Karras, SDE multistep samplers
     Exponential, the rest the model's own spacing). discard_penultimate: A1111 drops the next-to-last sigma
-    of an n + 1 step schedule (DPM2, DPM2 a, DPM++ 3M SDE), on our steps only.
+    of an n + 1 step schedule (DPM2, DPM2 a, DPM++ 3M SDE), on our steps only. own_steps: the sampler spaces its
+    steps itself, so other schedule types do not apply (A1111's DPM fast), as for timestep samplers.
     """
 
     name: str
@@ -67,6 +68,7 @@ class SamplerSpec:
     stochastic: bool = False  # draws noise at each step (ancestral / SDE)
     ksampler: str | None = None
     discard_penultimate: bool = False
+    own_steps: bool = False  # spaces its steps itself (DPM fast: evenly in log sigma between the model's ends)
 
     @property
     def schedules(self) -> tuple[str, ...]:
@@ -105,12 +107,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, _SIGMA_SCHEDULES, "Karras",
                 ("k_dpm_2_a", "dpm_2_ancestral"), stochastic=True, ksampler="dpm_2_ancestral",
                 discard_penultimate=True),
+    SamplerSpec("DPM fast", None, {}, ("Uniform",), "Uniform", ("k_dpm_fast", "dpm_fast"), stochastic=True,
+                ksampler="dpm_fast", own_steps=True),
+    SamplerSpec("Restart", None, {}, (), "Karras", ("restart",), ksampler="restart"),
     SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, _SPACING_SCHEDULES, AUTOMATIC, ("ddim",)),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, _SPACING_SCHEDULES, AUTOMATIC, ("plms",)),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, _SIGMA_SCHEDULES, AUTOMATIC, ("unipc", "uni_pc")),
     SamplerSpec("LCM", "LCMScheduler", {}, _SPACING_SCHEDULES, AUTOMATIC, ("lcm", "k_lcm"), stochastic=True),
 )
-UNAVAILABLE = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")  # A1111's, not offered (docs/samplers.md)
+UNAVAILABLE = ("DPM adaptive", "DDIM CFG++")  # A1111's, not offered (docs/samplers.md)
 
 _BY_NAME: Mapping[str, SamplerSpec] = MappingProxyType(
     {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
@@ -206,7 +211,7 @@ def resolve_sampler(name: str, schedule: str = AUTOMATIC) -> SamplerChoice:
     if legacy_schedule and schedule == AUTOMATIC:
         schedule = legacy_schedule
     resolved = spec.default_schedule if schedule == AUTOMATIC else schedule
-    if spec.ksampler is None and resolved not in (AUTOMATIC, *spec.native):
+    if (spec.ksampler is None or spec.own_steps) and resolved not in (AUTOMATIC, *spec.native):
         note = (f"{spec.name} keeps its own timesteps: schedule type {resolved!r} does not apply to it "
                 "(as in AUTOMATIC1111)")
         return SamplerChoice(spec, spec.default_schedule, schedule, note)

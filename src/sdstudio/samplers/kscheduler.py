@@ -62,7 +62,7 @@ class KScheduler:
         """Where the sampler will call the model: a dry run on a zero sample (the points depend on the sigmas
         alone for every sampler here). A 2-stage sampler evaluates twice per step but once in the last
         (an Euler step to 0), so evaluation k belongs to step k // order."""
-        run = self.run(torch.zeros(1), sigmas, lambda s, s_next: torch.zeros(1))
+        run = self.run(torch.zeros(1), sigmas, lambda s, s_next: torch.zeros(1), **self.run_options(sigmas))
         found = []
         try:
             x, sigma = next(run)
@@ -72,10 +72,22 @@ class KScheduler:
         except StopIteration:
             return [(k // self.order, sigma) for k, sigma in enumerate(found)]
 
+    def run_options(self, sigmas: Tensor) -> dict[str, Any]:
+        """DPM fast from the first level runs down to the model's smallest sigma (A1111's txt2img)."""
+        if self.sampler == "dpm_fast" and len(sigmas) == len(self.sigmas):
+            return {"sigma_min": torch.tensor(self.table.sigma_min)}
+        return {}
+
     def set_begin_index(self, begin: int = 0) -> None:
-        """Start at evaluation `begin` (the first of its step): the sampler then runs on sigmas[step:]."""
-        self._begin = self._plan[begin][0] if begin < len(self._plan) else len(self.sigmas) - 1
-        self._index = begin
+        """Start at evaluation `begin` = step * order: the sampler then runs on sigmas[step:], and the evaluations
+        from `begin` on are that shorter run's (the same points for most samplers; Restart and DPM fast plan
+        theirs from the length of the run, as A1111's img2img does)."""
+        step = min(begin // self.order, len(self.sigmas) - 1)
+        self._begin, self._index = step, begin
+        tail = self._evaluations(self.sigmas[step:]) if step < len(self.sigmas) - 1 else []
+        self._plan = self._plan[:begin] + [(step + s, sigma) for s, sigma in tail]
+        times = self.table.sigma_to_t(torch.stack([s for _, s in tail])) if tail else torch.zeros(0)
+        self.timesteps = torch.cat([self.timesteps[:begin], times.to(self.timesteps)])
 
     def scale_model_input(self, sample: Tensor, timestep: Tensor | float | None = None) -> Tensor:
         sigma = self._plan[self._index][1]
@@ -87,7 +99,8 @@ class KScheduler:
         denoised = self._denoised(model_output.float(), sample.float(), sigma)
         if self._run is None:
             sigmas = self.sigmas[self._begin:].to(sample.device)
-            self._run = self.run(sample.float(), sigmas, self._noise(sample, sigmas, generator))
+            self._run = self.run(sample.float(), sigmas, self._noise(sample, sigmas, generator),
+                                 **self.run_options(sigmas))
             next(self._run)                       # its first request: the sample just evaluated
         self._index += 1
         try:

@@ -18,6 +18,7 @@ tests/test_ksamplers.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Generator
 
 import torch
@@ -248,6 +249,102 @@ def dpmpp_3m_sde(x: Tensor, sigmas: Tensor, noise: Noise, eta: float = 1.0) -> S
     return x
 
 
+def dpm_fast(x: Tensor, sigmas: Tensor, noise: Noise, eta: float = 1.0, sigma_min: Tensor | None = None) -> Steps:
+    """DPM-Solver "fast" (Lu et al. 2022, sec. 3.3): n = len(sigmas) - 1 model evaluations from sigmas[0] to
+    sigma_min (A1111: the model's smallest sigma from the start, else the schedule's last positive one), in
+    m = n // 3 + 1 steps evenly spaced in t, of orders 3, ..., 3, then 2, 1 (n % 3 == 0) or n % 3. Ancestral
+    with eta (A1111 runs it at eta 1): each step goes to sigma_down, clamped to the end, and adds noise
+    sqrt(sigma_next^2 - sigma_down'^2). Ends at sigma_min, as k-diffusion's. A run with nowhere to go (one
+    level, no sigma_min below it; k-diffusion refuses it) is one Euler step to 0."""
+    n = len(sigmas) - 1
+    t_end = _lambda(sigmas[-2] if sigma_min is None else sigma_min)
+    if t_end <= _lambda(sigmas[0]):
+        x, den = yield x, sigmas[0]
+        return den
+    m = n // 3 + 1
+    ts = torch.linspace(float(_lambda(sigmas[0])), float(t_end), m + 1)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        up: Tensor | float = 0.0
+        if eta:
+            down, _ = ancestral(_sigma(t), _sigma(t_next), eta)
+            t_next_ = torch.minimum(t_end, _lambda(down))
+            up = (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
+        else:
+            t_next_ = t_next
+        x = yield from _dpm_solver_step(x, t, t_next_, order)
+        x = x + noise(_sigma(t), _sigma(t_next)) * up
+    return x
+
+
+def _dpm_solver_step(x: Tensor, t: Tensor, t_next: Tensor, order: int) -> Steps:
+    """DPM-Solver-1/2/3 from t to t_next in eps form, eps = (x - D) / sigma, h = t_next - t:
+    1: x - s(t_next) (e^h - 1) eps;  2 (r = 1/2) and 3 (r1 = 1/3, r2 = 2/3): intermediate points
+    u_j = x - s(s_j) (e^(r_j h) - 1) eps [- correction], then the final combination of the eps differences."""
+    x, den = yield x, _sigma(t)
+    eps = (x - den) / _sigma(t)
+    h = t_next - t
+    first = x - _sigma(t_next) * h.expm1() * eps
+    if order == 1:
+        return first
+    if order == 2:
+        s1 = t + h / 2
+        u1, den1 = yield x - _sigma(s1) * (h / 2).expm1() * eps, _sigma(s1)
+        return first - _sigma(t_next) * h.expm1() * ((u1 - den1) / _sigma(s1) - eps)
+    r1, r2 = 1 / 3, 2 / 3
+    s1, s2 = t + r1 * h, t + r2 * h
+    u1, den1 = yield x - _sigma(s1) * (r1 * h).expm1() * eps, _sigma(s1)
+    eps1 = (u1 - den1) / _sigma(s1)
+    u2 = x - _sigma(s2) * (r2 * h).expm1() * eps - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (
+        eps1 - eps)
+    u2, den2 = yield u2, _sigma(s2)
+    return first - _sigma(t_next) / r2 * (h.expm1() / h - 1) * ((u2 - den2) / _sigma(s2) - eps)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5, between given ends, with a final 0 (k-diffusion's get_sigmas_karras)."""
+    ramp = torch.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1)])
+
+
+def restart(x: Tensor, sigmas: Tensor, noise: Noise) -> Steps:
+    """Restart sampling (Xu et al. 2023) as A1111 defines it: Heun steps; from 20 steps on, the main schedule is
+    Karras over steps - k r levels, and at the level nearest sigma 0.1 the sampler jumps back (adding noise
+    sqrt(s_hi^2 - s_lo^2)) to the level nearest 2 and runs k Heun steps down again on a Karras schedule, r times
+    (k = 9, r = 1; from 36 steps k = steps // 4, r = 2). Under 20 steps it is Heun on the given sigmas."""
+    steps = len(sigmas) - 1
+    restarts: dict[float, tuple[int, int, float]] = {}
+    if steps >= 20:
+        k, r = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = karras_sigmas(steps - k * r, float(sigmas[-2]), float(sigmas[0]))
+        restarts = {0.1: (k + 1, r, 2.0)}
+    at = {int((sigmas - level).abs().argmin()): plan for level, plan in restarts.items()}
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in at:
+            k, r, top = at[i + 1]
+            high = int((sigmas - top).abs().argmin())
+            if high < i + 1:
+                levels = karras_sigmas(k, float(sigmas[i + 1]), float(sigmas[high]))[:-1]
+                pairs += list(itertools.pairwise(levels)) * r
+    last = None
+    for sigma, sigma_next in pairs:
+        if last is not None and last < sigma:
+            x = x + noise(last, sigma) * (sigma**2 - last**2) ** 0.5
+        x, den = yield x, sigma
+        d, dt = (x - den) / sigma, sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x2, den2 = yield x + d * dt, sigma_next
+            x = x + (d + (x2 - den2) / sigma_next) / 2 * dt
+        last = sigma_next
+    return x
+
+
 # name -> (sampler, model evaluations per step but the last, uses a Brownian tree)
 KSAMPLERS: dict[str, tuple[Callable[..., Steps], int, bool]] = {
     "euler": (euler, 1, False),
@@ -262,4 +359,6 @@ KSAMPLERS: dict[str, tuple[Callable[..., Steps], int, bool]] = {
     "dpmpp_2m_sde": (dpmpp_2m_sde, 1, True),
     "dpmpp_2m_sde_heun": (dpmpp_2m_sde_heun, 1, True),
     "dpmpp_3m_sde": (dpmpp_3m_sde, 1, True),
+    "dpm_fast": (dpm_fast, 1, False),
+    "restart": (restart, 2, False),
 }

@@ -6,8 +6,6 @@ other (durable, one worker) and the route waits for it. Interrupt and skip act o
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,16 +15,16 @@ from fastapi import FastAPI
 from sdstudio.a1111 import options as listings
 from sdstudio.a1111.bodies import Img2ImgBody, Txt2ImgBody
 from sdstudio.a1111.infotext import parse_infotext
-from sdstudio.a1111.options import A1111Options
 from sdstudio.a1111.responses import a1111_response
-from sdstudio.a1111.translate import sampler_choice, to_native_payload
-from sdstudio.engine.pipelines.upscale import UpscaleRequest, latent_upscale_modes
-from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
+from sdstudio.a1111.translate import fallback_notes, to_native_payload
+from sdstudio.engine.pipelines.upscale import latent_upscale_modes
 from sdstudio.errors import ModelError, NotFound, RequestError, SdStudioError
 from sdstudio.models.find import catalog
-from sdstudio.models.load import controlnet
 from sdstudio.models.load.vae import vae_files
 from sdstudio.pictures import decode_image
+from sdstudio.server.a1111_discovery import add_discovery_routes
+from sdstudio.server.a1111_extras import add_extras_routes
+from sdstudio.server.a1111_settings import A1111Settings
 from sdstudio.server.payload import decode_request
 from sdstudio.server.state import ServerState
 from sdstudio.storage.images import text_chunks
@@ -37,12 +35,12 @@ A1111_KIND = "sdapi"  # the job kind of A1111-route jobs, as history shows them
 
 def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     worker, store = state.worker, state.store
-    options = {"current": A1111Options()}
+    settings = A1111Settings(state.data_dir)
 
     def generate(body: Txt2ImgBody | Img2ImgBody) -> dict[str, Any]:
         """Translate, prepare (bad input: 422 before anything is queued), queue, wait for the job's end, and
         answer from its durable record and stored files."""
-        payload = to_native_payload(body, options["current"])
+        payload = to_native_payload(body, settings.current)
         prepared = state.engine.prepare(decode_request(payload))
         job = worker.submit(f"{A1111_KIND}-{prepared.request.mode}", payload, prepared)
         done = worker.wait(job.id)
@@ -52,10 +50,11 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
                 reason = "interrupted"
             raise RequestError(reason or "the job did not finish", "job")
         pngs = [(state.images_dir / name).read_bytes() for name in done.result["images"]]
-        notes = sampler_choice(body)[1]
+        notes = fallback_notes(body)
         for note in notes:
             log.warning("A1111 request: %s", note)
-        return a1111_response(body, done.result, pngs, notes=notes)
+        image_format = settings.current.updated(body.override_settings or {}).get("samples_format")
+        return a1111_response(body, done.result, pngs, notes=notes, image_format=image_format)
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
@@ -67,23 +66,26 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
-        current = options["current"]
+        current = settings.current
         if current.sd_model_checkpoint is None:
             return {**current.to_dict(), "sd_model_checkpoint": state.settings.default_model}
         return current.to_dict()
 
     @app.post("/sdapi/v1/options")
     def set_options(data: dict[str, Any]) -> None:
-        updated = options["current"].updated(data)
-        if updated.sd_model_checkpoint:
-            state.engine.model_ref(updated.sd_model_checkpoint)  # unknown names fail here, listing close ones
-        options["current"] = updated
+        """As A1111: every option it lists can be written and read back; a bad value is a 422 naming the option,
+        and then nothing of the request is stored."""
+        if data.get("sd_model_checkpoint") == "":  # Open WebUI posts GET /options back with "" for "unchanged"
+            data = {k: v for k, v in data.items() if k != "sd_model_checkpoint"}
+        checkpoint = data.get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint != get_options()["sd_model_checkpoint"]:
+            state.engine.model_ref(checkpoint)  # unknown names fail here, listing close ones
+        settings.update(data)
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> list[dict[str, Any]]:
         refs = catalog.scan([folder for _, folder in state.engine.folders.checkpoints])
-        known = state.engine.models.hashes.known()
-        return listings.sd_models(refs, lambda ref: known.get(str(ref.path.resolve())))
+        return listings.sd_models(refs, lambda ref: state.engine.models.hashes.quick_sha256(ref.path))
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints() -> None:
@@ -111,7 +113,9 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         with p.lock:
             running, fraction = p.job_id, p.fraction
             step, steps, iteration, n_iter = p.step, p.steps, p.iteration, p.n_iter
-        image = None if skip_current_image else worker.preview_png(running)
+        opts = settings.current
+        live = opts.get("live_previews_enable") and opts.get("show_progress_every_n_steps") != -1
+        image = worker.preview_png(running) if live and not skip_current_image else None
         queued = store.history(0, 1, status="queued")[1]
         return {"progress": fraction if running else 0.0, "eta_relative": p.eta() if running else 0.0,
                 "state": {"skipped": False, "interrupted": False, "job": running or "", "job_count": queued +
@@ -132,6 +136,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         return {}
 
     add_discovery_routes(app, state)
+    add_extras_routes(app, state)
 
     @app.post("/sdapi/v1/png-info")
     def read_png_info(data: dict[str, Any]) -> dict[str, Any]:
@@ -158,49 +163,9 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         return {"loaded": {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                     "shape": None, "vectors": None} for p in files.values()}, "skipped": {}}
 
-    @app.post("/sdapi/v1/extra-single-image")
-    def extra_single_image(data: dict[str, Any]) -> dict[str, Any]:
-        image = decode_image(data.get("image"), "image")
-        scale = data.get("upscaling_resize", 2)
-        if isinstance(scale, bool) or not isinstance(scale, int | float):
-            raise RequestError(f"upscaling_resize must be a number, got {scale!r}", "upscaling_resize")
-        request = UpscaleRequest(image=image, scale=float(scale), upscaler=str(data.get("upscaler_1") or "Lanczos"))
-        with worker.device_lock:  # the x4 model uses the device the worker owns
-            result = state.engine.upscale(request)
-        buffer = io.BytesIO()
-        result.image.save(buffer, format="PNG")
-        return {"html_info": result.infotext, "image": base64.b64encode(buffer.getvalue()).decode("ascii")}
-
     @app.get("/sdapi/v1/memory")
     def memory() -> dict[str, Any]:
         return memory_report()
-
-
-def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
-    """Listings clients probe: what we have none of is an empty list in A1111's shape, not a 404; the
-    ControlNet extension's discovery routes list our ControlNets as `name [hash]` and our preprocessors."""
-    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info"):
-        app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"])
-
-    @app.get("/sdapi/v1/scripts")
-    def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
-
-    @app.get("/controlnet/version")
-    def controlnet_version() -> dict[str, int]:
-        return {"version": 2}
-
-    @app.get("/controlnet/model_list")
-    def controlnet_models(update: bool = True) -> dict[str, list[str]]:
-        paths = controlnet.available(state.engine.folders.controlnet)
-        hashes = state.engine.models.hashes  # 8 hex digits of the sha256, as the extension shows them
-        return {"model_list": [f"{p.stem if p.is_file() else p.name} [{hashes.model_sha256(p)[:8]}]" for p in paths]}
-
-    @app.get("/controlnet/module_list")
-    def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
-        modules = ["none", *ALL_PREPROCESSORS]
-        return {"module_list": modules,
-                "module_detail": {m: {"model_free": False, "sliders": []} for m in modules}}
 
 
 def memory_report() -> dict[str, Any]:

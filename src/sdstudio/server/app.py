@@ -12,6 +12,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,7 +60,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     engine = Engine(settings)
     images_dir = data_dir / "images"
     worker = Worker(engine, store, images_dir)
-    state = ServerState(settings, engine, store, worker, images_dir, private_roots(settings, data_dir))
+    state = ServerState(settings, engine, store, worker, images_dir, private_roots(settings, data_dir), data_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -161,6 +162,13 @@ def add_upload_limit(app: FastAPI, limit: int) -> None:
         if length.isdigit() and int(length) > limit:
             return JSONResponse({"error": "too large", "detail": f"the request body is {int(length)} bytes; the "
                                  f"limit is {limit}"}, status_code=413)
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def repeated_slashes(request: Request, call_next: Any) -> Any:
+        """"//sdapi/v1/txt2img" is "/sdapi/v1/txt2img": clients join a base URL ending in "/" with a path."""
+        if "//" in request.scope["path"]:
+            request.scope["path"] = re.sub("/{2,}", "/", request.scope["path"])
         return await call_next(request)
 
 

@@ -23,6 +23,7 @@ class ServerState:
     worker: Worker
     images_dir: Path
     roots: dict[str, str]  # local folders -> what clients see instead
+    data_dir: Path
 
     def scrub(self, message: str | None) -> str | None:
         if message is None:

@@ -97,8 +97,31 @@ def read_png_text(path: Path) -> dict[str, str]:
 
 
 def text_chunks(image: Image.Image) -> dict[str, str]:
-    """The text chunks of an opened (and loaded) image: PNG tEXt/iTXt, as PIL puts them in `info`."""
-    return {k: v for k, v in image.info.items() if isinstance(v, str)}
+    """The text chunks of an opened (and loaded) image: PNG tEXt/iTXt, as PIL puts them in `info`; a JPEG's or
+    WebP's EXIF UserComment (where A1111 writes the infotext of those) as "parameters"."""
+    chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, bytes) and "parameters" not in chunks:
+        chunks["parameters"] = read_user_comment(comment)
+    return chunks
+
+
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
+_UNICODE = b"UNICODE\0"                  # UserComment's 8-byte character code: UTF-16 big-endian follows
+
+
+def user_comment(text: str) -> Image.Exif:
+    """EXIF holding `text` as UserComment, encoded as A1111 writes it (piexif's "unicode")."""
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = _UNICODE + text.encode("utf-16-be")
+    return exif
+
+
+def read_user_comment(data: bytes) -> str:
+    code, text = data[:8], data[8:]
+    if code == _UNICODE:
+        return text.decode("utf-16-be", errors="replace")
+    return text.decode("ascii" if code.startswith(b"ASCII") else "utf-8", errors="replace").rstrip("\0")
 
 
 def open_image(path: Path) -> Image.Image:

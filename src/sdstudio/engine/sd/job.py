@@ -45,6 +45,7 @@ from sdstudio.engine.sd.stages import (
     initial_noise,
     make_generators,
     start_latents,
+    step_generators,
     step_kwargs,
     to_pil,
 )
@@ -231,7 +232,7 @@ class Job:
             guidance_rescale=float(req.guidance_rescale),
             condition=condition,
             blend=blend,
-            step_kwargs=step_kwargs(scheduler, generators),
+            step_kwargs=step_kwargs(scheduler, step_generators(seeds, generators, req.eta_noise_seed_delta)),
             controls=inputs.controls,
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None

@@ -2,7 +2,8 @@
 
 Reproducibility contract: image i of a job with seed s starts from
 torch.randn((1, C, h, w), generator=torch.Generator("cpu").manual_seed(s + i)), moved to the device
-afterwards; stochastic samplers keep drawing their step noise from the same per-image CPU generator.
+afterwards; stochastic samplers keep drawing their step noise from the same per-image CPU generator
+(with A1111's eta noise seed delta d > 0: from a fresh generator seeded s + i + d, as A1111's ImageRNG).
 So an image does not depend on the batch it was made in, nor on the device.
 """
 
@@ -22,6 +23,11 @@ from sdstudio.models.load.memory import device_of
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def step_generators(seeds: Sequence[int], generators: list[torch.Generator], delta: int) -> list[torch.Generator]:
+    """The generators step noise comes from: the images' own, or with an eta noise seed delta, seed + delta's."""
+    return make_generators([int(s) + delta for s in seeds]) if delta else generators
 
 
 def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, int, int],

@@ -70,6 +70,14 @@ class HashCache:
             h.update(f"{file.relative_to(path).as_posix()}\0{self.file_sha256(file)}\n".encode())
         return h.hexdigest()
 
+    def quick_sha256(self, path: Path, max_bytes: int = 64 << 20) -> str | None:
+        """The model's sha256 when it costs little: every weight file already hashed, or `max_bytes` or less of
+        them to read (the bundled models); else None (A1111 too lists a hash only once it has computed it)."""
+        files = [path] if path.is_file() else weight_files(path)
+        known = self._load()
+        unread = sum(f.stat().st_size for f in files if str(f.resolve()) not in known)
+        return self.model_sha256(path) if files and unread <= max_bytes else None
+
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
             self._entries = {}
