@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,17 @@ from PIL import Image, ImageDraw
 
 from sdstudio import Engine, Settings
 from sdstudio.testing.tiny import build_tiny_sd
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """torch.compile's kernel cache (one folder per user in /tmp) is not keyed by the kernel family in use:
+    code compiled under one ONEDNN/ATEN ISA setting, loaded under another, gives NaN or corrupts memory. Each
+    test session compiles into its own folder."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdstudio-inductor-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -115,3 +115,82 @@ def test_train_commands_write_data_and_name_bad_files(workdir):
     assert proc.returncode == 2
     assert "error: missing caption for" in proc.stderr and "000002.png" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["txt2img", "x", "-m", "tiny", "-o", "afile"], "error: --out afile is a file: give a folder"),
+    (["txt2img", b"a \xff b", "-m", "tiny"], "error: prompt is not valid text (bytes that are not UTF-8"),
+])
+def test_a_bad_output_folder_or_undecodable_prompt_fails_before_any_work(workdir, args, message):
+    (workdir / "afile").write_bytes(b"")
+    proc = run(args, workdir, workdir / "home")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and (workdir / "afile").read_bytes() == b""
+
+
+def test_serve_says_where_it_is_logs_requests_and_a_second_server_on_its_folder_exits(workdir):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SDSTUDIO_HOME": str(workdir / "home"), "SDSTUDIO_DEVICE": "cpu"}
+    server = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--port", str(port), "--data-dir", "data"],
+                              cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline and not any("Uvicorn running" in line for line in lines):
+        lines.append(server.stdout.readline())
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=30).status == 200
+        second = run(["serve", "--port", str(port + 1), "--data-dir", "data"], workdir, workdir / "home")
+        assert second.returncode == 2 and "in use by another sdstudio server (PID" in second.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        out = "".join(lines) + server.communicate(timeout=60)[0]
+    assert f"web UI http://127.0.0.1:{port}/" in out and "data folder (queue, history, images): data" in out
+    assert '"GET /sdapi/v1/samplers HTTP/1.1" 200' in out and "Shutting down" in out
+
+
+def test_the_cli_never_touches_the_network_and_takes_model_names_everywhere(workdir, tmp_path):
+    """A socket guard in the child (sitecustomize) records and refuses every connection; HF_HUB_OFFLINE unset."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import os, socket\n"
+        "def connect(self, address):\n"
+        "    with open(os.environ['SDSTUDIO_TEST_CONNECTS'], 'a') as f:\n"
+        "        f.write(repr(address) + '\\n')\n"
+        "    raise OSError('the network is blocked by the test')\n"
+        "socket.socket.connect = connect\n")
+    log = tmp_path / "connects.txt"
+    env = {"PYTHONPATH": str(guard), "SDSTUDIO_TEST_CONNECTS": str(log), "HF_HUB_OFFLINE": "",
+           "TRANSFORMERS_OFFLINE": ""}
+    for args in (["txt2img", "a red circle", "--steps", "2", "-W", "64", "-H", "64"],
+                 ["train", "model", "shapes", "trained", "--base", "demo", "--steps", "1", "--batch-size", "2"],
+                 ["train", "model", "shapes", "scratch", "--vae", "demo", "--steps", "1", "--batch-size", "2"],
+                 ["models", "convert", "demo", "converted/demo.safetensors"]):
+        proc = run(args, workdir, workdir / "home", extra_env=env)
+        assert proc.returncode == 0, (args, proc.stderr)
+    assert not log.exists(), log.read_text()
+    proc = run(["train", "model", "shapes", "x", "--steps", "1"], workdir, workdir / "home")
+    assert proc.returncode == 2 and "needs a VAE: give --vae" in proc.stderr
+
+
+def test_ctrl_c_keeps_the_finished_images_as_a1111s_interrupt(workdir):
+    import signal
+    import time
+
+    env = {**os.environ, "SDSTUDIO_HOME": str(workdir / "home"), "SDSTUDIO_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "txt2img", "a red circle", "-m", "tiny", "--steps",
+                             "150", "--n-iter", "50", "-o", "out"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # loaded and generating: 50 x 150 steps take far longer
+    proc.send_signal(signal.SIGINT)
+    out, errors = proc.communicate(timeout=120)
+    saved = [line for line in out.splitlines() if line.endswith(".png")]
+    assert proc.returncode == 0, errors
+    assert 1 <= len(saved) < 50 and all((workdir / p).is_file() for p in saved)
+    assert "interrupting" in errors

@@ -68,3 +68,47 @@ def test_noise_is_drawn_from_a_cpu_generator_per_image(engine):
     expected = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(4))
     assert torch.equal(noise[1:], expected)
     assert np.isfinite(noise.numpy()).all()
+
+
+def test_on_cpu_each_image_is_computed_alone_so_its_batch_does_not_matter(engine):
+    """Contract (b) on CPU, bit for bit: the UNet runs image by image (engine/sd/rows.py), so every image goes
+    through calls of the same shape whatever the batch size, on any CPU's kernels."""
+    assert engine.load().per_image
+    batch = engine.generate(GenerationRequest(prompt="a green triangle", steps=4, seed=70, batch_size=3,
+                                              sampler="Euler a"))
+    single = engine.generate(GenerationRequest(prompt="a green triangle", steps=4, seed=72, sampler="Euler a"))
+    assert torch.equal(batch.latents[2], single.latents[0])
+
+
+def test_a_batched_unet_stays_within_float_rounding(tmp_path, tiny_model):
+    """SDSTUDIO_BATCH_INVARIANT=off (the GPU default) batches the UNet: within rounding, one 8-bit level."""
+    from dataclasses import replace
+
+    from sdstudio import Engine
+    from tests.conftest import make_settings
+
+    batched = Engine(replace(make_settings(tmp_path, tiny_model.parent, str(tiny_model)), batch_invariant="off"))
+    assert not batched.load().per_image
+    batch = batched.generate(GenerationRequest(prompt="a green triangle", steps=4, seed=70, batch_size=3))
+    single = batched.generate(GenerationRequest(prompt="a green triangle", steps=4, seed=72))
+    assert_close(batch.latents[2], single.latents[0])
+    pixels = np.abs(np.asarray(batch.images[2].image, np.int16) - np.asarray(single.images[0].image, np.int16))
+    assert pixels.max() <= 1
+
+
+def test_per_image_keeps_the_row_order_and_checks_between_images():
+    from sdstudio.engine.sd.rows import per_image
+
+    x = torch.arange(12.0).reshape(6, 2)  # 3 groups (negative + 2 prompts) x 2 images, group-major
+    context = torch.arange(6.0).reshape(6, 1)
+
+    def net(rows, encoder_hidden_states, scale):
+        assert rows.shape[0] == 3  # one image's rows: one per group
+        return rows * scale + encoder_hidden_states, [rows.sum(1)]
+
+    out, (sums,) = per_image(net, x, {"encoder_hidden_states": context, "scale": 2.0}, 2)
+    torch.testing.assert_close(out, x * 2 + context, rtol=0, atol=0)
+    torch.testing.assert_close(sums, x.sum(1), rtol=0, atol=0)
+    checks = []
+    per_image(net, x, {"encoder_hidden_states": context, "scale": 1.0}, 2, lambda: checks.append(1))
+    assert checks == [1]  # before the second image

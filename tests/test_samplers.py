@@ -193,6 +193,7 @@ def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, refere
     ("dpm++ 2m sde karras", "DPM++ 2M SDE", "Karras"),
     ("Euler a", "Euler a", "Automatic"),
     ("k_euler_a", "Euler a", "Automatic"),
+    ("euler_a", "Euler a", "Automatic"),          # diffusers' and ComfyUI users' spelling
     ("DPM++ 2M", "DPM++ 2M", "Karras"),        # Automatic means Karras for DPM++ 2M, as in A1111
     ("DPM++ 2M SDE", "DPM++ 2M SDE", "Exponential"),
     ("LMS Karras", "LMS", "Karras"),

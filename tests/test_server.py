@@ -129,3 +129,22 @@ def test_each_http_request_is_prepared_once_and_a_restart_prepares_from_the_reco
     queued = state.store.submit("txt2img", {"prompt": "c", "steps": 2})  # as if queued before a restart
     state.worker.wake()
     assert wait(client, queued.id)["status"] == "done" and calls == ["a", "b", "c"]
+
+
+def test_interrupt_keeps_the_finished_images(client):
+    """POST /jobs/{id}/interrupt: the running image is finished early, no further batch is made, and the job
+    ends done with what it made (cancel discards)."""
+    import time
+
+    job = client.post("/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 150, "seed": 4,
+                                                        "n_iter": 20}}).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/v1/jobs/{job['id']}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert client.post(f"/api/v1/jobs/{job['id']}/interrupt").status_code == 200
+    done = wait(client, job["id"])
+    assert done["status"] == "done" and 1 <= len(done["result"]["images"]) < 20
+    assert client.get(done["result"]["images"][0]).status_code == 200
+    again = client.post(f"/api/v1/jobs/{job['id']}/interrupt")
+    assert again.status_code == 422 and "not running" in again.json()["detail"]

@@ -14,7 +14,9 @@ from sdstudio import GenerationRequest, ModelError, RequestError
     ({"width": 8}, "width", "width must be between 64 and 4096, got 8"),
     ({"steps": 0}, "steps", "steps must be between 1 and 150, got 0"),
     ({"steps": 151}, "steps", "steps must be between 1 and 150, got 151"),
-    ({"cfg_scale": -1}, "cfg_scale", "cfg_scale must be a number >= 0, got -1"),
+    ({"cfg_scale": -1}, "cfg_scale", "cfg_scale must be a number from 0 to 100.0, got -1"),
+    ({"cfg_scale": float("inf")}, "cfg_scale", "cfg_scale must be a number from 0 to 100.0, got inf"),
+    ({"prompt": "a \ud800 b"}, "prompt", "prompt is not valid text"),
     ({"strength": 1.5}, "strength", "strength must be between 0 and 1, got 1.5"),
     ({"batch_size": 9}, "batch_size", "batch_size must be between 1 and 8, got 9"),
     ({"n_iter": 0}, "n_iter", "n_iter must be between 1 and 100, got 0"),
@@ -24,7 +26,7 @@ from sdstudio import GenerationRequest, ModelError, RequestError
 ])
 def test_bad_fields(engine, changes, field, message):
     with pytest.raises(RequestError) as e:
-        engine.generate(GenerationRequest(prompt="x", **changes))
+        engine.generate(GenerationRequest(**{"prompt": "x", **changes}))
     assert message in str(e.value)
     assert e.value.field == field
 

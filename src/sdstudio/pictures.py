@@ -5,15 +5,20 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdstudio.errors import RequestError
 
+DEFAULT_UPLOAD_PIXELS = 4096 * 4096  # an uploaded picture's width x height (Limits.max_upload_pixels)
 
-def decode_image(data: Any, field: str) -> Image.Image:
-    """An image from base64, with or without a `data:image/...;base64,` prefix; clear errors otherwise."""
+
+def decode_image(data: Any, field: str, max_pixels: int = DEFAULT_UPLOAD_PIXELS) -> Image.Image:
+    """An image from base64, with or without a `data:image/...;base64,` prefix; clear errors otherwise. Its size
+    is read from the header and checked against `max_pixels` before any pixel is decoded (a small PNG can
+    claim 30000 x 30000)."""
     if not isinstance(data, str) or not data.strip():
         raise RequestError(f"{field} must be a base64-encoded image, got {type(data).__name__}", field)
     text = data.strip()
@@ -28,9 +33,17 @@ def decode_image(data: Any, field: str) -> Image.Image:
         raise RequestError(f"{field} is not valid base64 (send the image file's bytes base64-encoded)",
                            field) from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > max_pixels:
+                raise RequestError(f"{field} is {image.width}x{image.height} pixels; the limit for an uploaded "
+                                   f"picture is {max_pixels} pixels: send a smaller picture", field)
+            image.load()
+    except Image.DecompressionBombError:
+        raise RequestError(f"{field} claims more pixels than any picture may have (a decompression bomb); "
+                           f"the limit is {max_pixels} pixels", field) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise RequestError(f"{field} is base64 but not an image PIL can read (send PNG, JPEG or WebP)",
                            field) from None
     return image

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sdstudio.models.load.speed import COMPILE_MODES, COMPILE_TARGETS
+from sdstudio.pictures import DEFAULT_UPLOAD_PIXELS
 
 PACKAGED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
 DEMO_MODEL = "demo"
@@ -49,6 +50,13 @@ class Limits:
     max_images: int = 64              # batch_size * n_iter of one job
     max_prompt_chars: int = 20_000    # prompt and negative prompt, each
     max_upload_bytes: int = 64 << 20  # one HTTP request body
+    max_upload_pixels: int = DEFAULT_UPLOAD_PIXELS  # width * height of one uploaded picture, checked before decoding
+    max_controlnet_units: int = 8     # ControlNet units of one request
+    max_prompt_breaks: int = 32       # BREAKs (each starts a 75-token window) in a prompt and its negative, each
+    max_prompt_nesting: int = 32      # brackets nested in a prompt ((((x)))) is 4)
+    # pixel-steps of one job: width x height x steps x images x (1 + ControlNet units), plus the hires pass likewise.
+    # The default refuses only the extreme corners of the other limits; a CPU server may want 100x less.
+    max_work: float = 1e10
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,11 @@ class Settings:
     channels_last: bool = True       # UNet convolutions in NHWC order (models/load/speed.py)
     compile: str = "none"            # none | unet | unet+vae: torch.compile, for long sessions (models/load/speed.py)
     compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
+    batch_invariant: str = "auto"    # auto (CPU) | on | off: each image computed alone, the same in any batch
     models_in_memory: int = 1        # loaded models kept (LRU) ...
     memory_budget_gb: float | None = None  # ... and at most this many GB of weights
     limits: Limits = Limits()
+    names_only: bool = False         # model-like fields take names, not paths (the server: models/find/names.py)
 
     def __post_init__(self) -> None:
         for name, allowed in (("offload", ("none", "model", "sequential")), ("vae_tiling", ("auto", "on", "off")),
@@ -121,6 +131,7 @@ class Settings:
             hf_cache=_hf_cache(env),
             offload=env.get("SDSTUDIO_OFFLOAD", "none"),
             vae_tiling=env.get("SDSTUDIO_VAE_TILING", "auto"),
+            batch_invariant=env.get("SDSTUDIO_BATCH_INVARIANT", "auto"),
             channels_last=env.get("SDSTUDIO_CHANNELS_LAST", "1") not in ("0", "false", "off"),
             compile=env.get("SDSTUDIO_COMPILE", "none"),
             compile_mode=env.get("SDSTUDIO_COMPILE_MODE", "default"),

@@ -38,13 +38,18 @@ def controlnet_module(name: str | None) -> str:
                        "alwayson_scripts.ControlNet.module")
 
 
-def controlnet_units(scripts: dict[str, Any]) -> list[dict[str, Any]]:
-    """The enabled units of `alwayson_scripts.ControlNet.args`, as native unit fields (image: base64 as sent)."""
+def controlnet_units(scripts: dict[str, Any], max_units: int | None = None) -> list[dict[str, Any]]:
+    """The enabled units of `alwayson_scripts.ControlNet.args`, as native unit fields (image: base64 as sent);
+    more than `max_units` args are refused before any is read."""
     entry = next((v for k, v in scripts.items() if k.lower() == CONTROLNET_SCRIPT), None)
     if entry is None:
         return []
     units = []
-    for i, arg in enumerate(script_args(entry, "ControlNet")):
+    args = script_args(entry, "ControlNet")
+    if max_units is not None and len(args) > max_units:
+        raise RequestError(f"alwayson_scripts.ControlNet has {len(args)} units; the limit is {max_units}",
+                           "alwayson_scripts")
+    for i, arg in enumerate(args):
         if not isinstance(arg, dict):
             raise RequestError(f"alwayson_scripts.ControlNet.args[{i}] must be an object with named fields "
                                "(enabled, image, module, model, weight, ...)", "alwayson_scripts")

@@ -25,9 +25,10 @@ from sdstudio.samplers.catalog import canonical_schedule
 FALLBACK_SAMPLER = "DPM++ 2M"  # A1111's first sampler, what it runs for a name it does not know
 
 
-def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[str, Any]:
+def to_native_payload(body: Body, options: A1111Options | None = None,
+                      max_units: int | None = None) -> dict[str, Any]:
     """Our request payload for an A1111 txt2img or img2img body; the body's override_settings win over
-    `options` (the server's; None: A1111's defaults)."""
+    `options` (the server's; None: A1111's defaults). max_units: ControlNet units allowed (None: any)."""
     check_supported(body)
     opts = (options or A1111Options()).updated(body.override_settings or {})
     choice, _ = sampler_choice(body)
@@ -43,7 +44,7 @@ def to_native_payload(body: Body, options: A1111Options | None = None) -> dict[s
         fields.update(_hires_fields(body))
     elif isinstance(body, Img2ImgBody):
         fields.update(_img2img_fields(body))
-    fields["controlnets"] = controlnet_units(body.alwayson_scripts)
+    fields["controlnets"] = controlnet_units(body.alwayson_scripts, max_units)
     return fields
 
 

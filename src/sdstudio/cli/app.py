@@ -131,7 +131,7 @@ def txt2img(ctx: typer.Context,
 def img2img(ctx: typer.Context,
             image: Annotated[Path, typer.Argument(help="The init image.")],
             prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
-            strength: Annotated[float | None, typer.Option(help="Denoising strength 0-1. [default: 0.75]")] = None,
+            strength: Annotated[float | None, typer.Option(help="Denoising strength 0-1. (default: 0.75)")] = None,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
@@ -193,7 +193,8 @@ def samplers() -> None:
         native = f"{s.scheduler_class} for {', '.join(('Automatic', *s.native))}" if s.scheduler_class else ""
         rest = "the rest" if s.scheduler_class else "every schedule type"
         ours = f"our k-diffusion steps for {rest}" if s.ksampler else "its own timesteps for the rest"
-        typer.echo(f"{s.name:<18} Automatic = {s.default_schedule:<12} {'; '.join(x for x in (native, ours) if x)}")
+        automatic = "model's own" if s.default_schedule == "Automatic" else s.default_schedule
+        typer.echo(f"{s.name:<18} Automatic = {automatic:<12} {'; '.join(x for x in (native, ours) if x)}")
     typer.echo(f"\nSchedule types (every sampler takes each): {', '.join(SCHEDULE_TYPES)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +45,32 @@ def settings_from(options: GlobalOptions, out: Path | None = None) -> Settings:
         settings = replace(settings, **changes)
     except ValueError as e:
         fail(str(e))
+    if out is not None:
+        check_output_folder(out)
     return replace(settings, outputs_dir=out) if out is not None else settings
+
+
+def model_path(name: str | Path, settings: Settings) -> Path:
+    """A path as given, else a model by the name, title or hash the catalog knows (`demo`, ...); fails
+    with the catalog's "did you mean" when there is none."""
+    from sdstudio.errors import ModelError
+    from sdstudio.models.find import catalog
+
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    try:
+        return catalog.resolve(str(name), catalog.model_folders(settings)).path
+    except ModelError as e:
+        fail(str(e))
+
+
+def check_output_folder(out: Path) -> None:
+    """Before any work: --out must be a folder we can write in (it is made if missing)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: give a folder (it is created if it does not exist)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write in {existing}")
 
 
 def quiet_libraries() -> None:

@@ -14,8 +14,9 @@ from sdstudio.storage.images import open_image
 
 ControlNetOpt = Annotated[list[str] | None, typer.Option(
     "--controlnet", metavar="SPEC",
-    help="A ControlNet unit, repeatable: 'model=NAME,image=FILE,preprocessor=canny,weight=1,start=0,end=1,"
-         "guess=false,resize=just resize' (only model is required; without image the init image is used).")]
+    help="A ControlNet unit, repeatable, as key=value pairs joined by commas, e.g. "
+         "'model=NAME,image=FILE,preprocessor=canny'. Keys: model (required), image (default: the init image), "
+         "preprocessor, weight, start, end, guess, resize, low, high.")]
 
 _FLOATS = {"weight": "weight", "start": "start", "end": "end"}
 _INTS = {"low": "low_threshold", "high": "high_threshold"}

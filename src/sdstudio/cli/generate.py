@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -10,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sdstudio.cli.common import GlobalOptions, err, fail, quiet_libraries, settings_from
+from sdstudio.engine.hooks import CancelToken
 from sdstudio.engine.record import image_fields
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.errors import SdStudioError
@@ -21,41 +24,46 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, or a model name.")]
-Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps (1-150). [default: 20]")]
-Cfg = Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale. [default: 7]")]
-Sampler = Annotated[str | None, typer.Option("--sampler", help="Sampler, e.g. 'Euler a', 'DPM++ 2M'.")]
-Schedule = Annotated[str | None, typer.Option("--schedule", help="Automatic, Karras, Exponential, ...")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed; -1 for random. [default: -1]")]
-Width = Annotated[int | None, typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
-Height = Annotated[int | None, typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
-Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batch. [default: 1]")]
-NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. [default: 1]")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. [default: ./outputs]")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="A model name (sdstudio models list), a diffusers "
+                                                                "folder or a .safetensors/.ckpt file. (default: demo)")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps (1-150). (default: 20)")]
+Cfg = Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale. (default: 7)")]
+Sampler = Annotated[str | None, typer.Option("--sampler", help="Sampler, e.g. 'Euler a', 'DPM++ 2M' (sdstudio "
+                                                                "samplers lists them). (default: DPM++ 2M)")]
+Schedule = Annotated[str | None, typer.Option("--schedule", help="Automatic, Karras, Exponential, ... "
+                                                                  "(default: Automatic)")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed; -1 for random. (default: -1)")]
+Width = Annotated[int | None, typer.Option("--width", "-W", help="Width in pixels, a multiple of 8. (default: the "
+                                                                 "model's own, or the init image's)")]
+Height = Annotated[int | None, typer.Option("--height", "-H", help="Height in pixels, a multiple of 8. (default: the "
+                                                                   "model's own, or the init image's)")]
+Batch = Annotated[int | None, typer.Option("--batch-size", help="Images per batch. (default: 1)")]
+NIter = Annotated[int | None, typer.Option("--n-iter", help="Number of batches. (default: 1)")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output root folder. (default: ./outputs)")]
 CaptureEvery = Annotated[int | None, typer.Option("--capture-every", help="Save the denoising process every N steps.")]
 Syntax = Annotated[str | None, typer.Option("--prompt-syntax", help="a1111 (weights, BREAK, prompt editing, AND), "
-                                                                   "compel or plain. [default: a1111]")]
+                                                                   "compel or plain. (default: a1111)")]
 ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Skip the last N-1 text-encoder layers "
-                                                                   "(A1111's Clip skip). [default: 1]")]
+                                                                   "(A1111's Clip skip). (default: 1)")]
 Vae = Annotated[str | None, typer.Option("--vae", help="VAE: auto, none (the model's own), or a VAE file name/path.")]
 Rescale = Annotated[float | None, typer.Option("--guidance-rescale", help="Rescale-CFG phi, 0-1 (0.7 suits "
-                                                                         "v-prediction models). [default: 0]")]
+                                                                         "v-prediction models). (default: 0)")]
 ZeroSnr = Annotated[bool | None, typer.Option("--zero-terminal-snr", help="Zero-terminal-SNR noise schedule.")]
 FromImage = Annotated[Path | None, typer.Option("--from-image", help="Re-run the parameters stored in this PNG.")]
-Subseed = Annotated[int | None, typer.Option("--subseed", help="Variation seed; -1 for random. [default: -1]")]
+Subseed = Annotated[int | None, typer.Option("--subseed", help="Variation seed; -1 for random. (default: -1)")]
 SubseedStrength = Annotated[float | None, typer.Option("--subseed-strength", help="Variation strength 0-1: slerp "
-                                                   "from the seed's noise to the variation seed's. [default: 0]")]
+                                                   "from the seed's noise to the variation seed's. (default: 0)")]
 SeedResize = Annotated[str | None, typer.Option("--seed-resize-from", metavar="WxH", help="Draw the seed's noise "
                                               "at this size, pasted centred (A1111's Seed resize from).")]
 Hires = Annotated[bool | None, typer.Option("--hires", help="Hires fix: generate, upscale, then redraw at the "
                                            "larger size (img2img on the same seeds); any --hr-* option turns it on.")]
-HrScale = Annotated[float | None, typer.Option("--hr-scale", help="Hires fix upscale factor 1-8. [default: 2]")]
+HrScale = Annotated[float | None, typer.Option("--hr-scale", help="Hires fix upscale factor 1-8. (default: 2)")]
 HrUpscaler = Annotated[str | None, typer.Option("--hr-upscaler", help="Hires fix upscaler: a latent mode ('Latent', "
                                                "'Latent (bicubic)', ...) or a resampler ('Lanczos', ...). "
-                                               "[default: Latent]")]
+                                               "(default: Latent)")]
 HrSteps = Annotated[int | None, typer.Option("--hr-steps", help="Hires fix second-pass steps (0: as --steps).")]
 HrDenoise = Annotated[float | None, typer.Option("--hr-denoise", help="Hires fix second-pass denoising strength "
-                                                "0-1 (A1111's Denoising strength). [default: 0.75]")]
+                                                "0-1 (A1111's Denoising strength). (default: 0.75)")]
 
 
 def overrides(**options: Any) -> dict[str, Any]:
@@ -98,11 +106,13 @@ def run_request(options: GlobalOptions, request: GenerationRequest, out: Path | 
     settings = settings_from(options, out)
     quiet_libraries()
     engine = Engine(settings)
+    token = CancelToken()
 
     def run(bar: StepProgress) -> GenerationResult:
-        return engine.generate(engine.prepare(request), progress=bar.on_event)
+        return engine.generate(engine.prepare(request), progress=bar.on_event, cancel=token)
 
-    result = with_progress(run)
+    with interrupt_on_ctrl_c(token):
+        result = with_progress(run)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}")
     for saved in save_result(result, settings.outputs_dir):
@@ -112,15 +122,35 @@ def run_request(options: GlobalOptions, request: GenerationRequest, out: Path | 
     err.print(f"[dim]{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.2f} s[/dim]")
 
 
+@contextmanager
+def interrupt_on_ctrl_c(token: CancelToken) -> Iterator[None]:
+    """The first Ctrl+C interrupts as A1111's Interrupt does: the current image is finished from the model's
+    estimate, no further batch is made, and what is finished is saved. A second Ctrl+C quits at once."""
+    def handler(signum: int, frame: object) -> None:
+        if token.interrupted:
+            raise KeyboardInterrupt
+        token.interrupt()
+        err.print("\n[yellow]interrupting:[/yellow] finishing the current image and saving what is done "
+                  "(Ctrl+C again quits without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def with_progress(call: Callable[[StepProgress], T]) -> T:
-    """`call(bar)` under a progress bar; our errors and Ctrl+C end the command with one line."""
+    """`call(bar)` under a progress bar; our errors and Ctrl+C end the command with one line, printed after
+    the bar is cleared (never glued to it)."""
     with StepProgress() as bar:
         try:
             return call(bar)
         except SdStudioError as e:
-            fail(str(e))
+            message, code = str(e), 2
         except KeyboardInterrupt:
-            fail("interrupted", code=130)
+            message, code = "interrupted", 130
+    fail(message, code=code)
 
 
 class StepProgress:

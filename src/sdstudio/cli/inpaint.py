@@ -33,14 +33,14 @@ from sdstudio.cli.generate import (
 from sdstudio.errors import SdStudioError
 from sdstudio.storage.images import open_image
 
-Strength = Annotated[float | None, typer.Option(help="Denoising strength 0-1. [default: 0.75; outpaint 0.9]")]
+Strength = Annotated[float | None, typer.Option(help="Denoising strength 0-1. (default: 0.75; outpaint 0.9)")]
 MaskBlur = Annotated[int | None, typer.Option(help="Mask blur radius in pixels; also the paste-back feather. "
-                                                   "[default: 4]")]
+                                                   "(default: 4)")]
 KeepUnmasked = Annotated[bool | None, typer.Option("--keep-unmasked/--no-keep-unmasked",
                                                    help="Paste the result back so pixels outside the mask stay "
-                                                        "exactly as given. [default: keep]")]
+                                                        "exactly as given. (default: keep)")]
 Method = Annotated[str | None, typer.Option("--method", help="auto, condition (9-channel inpainting checkpoints) or "
-                                                             "blend (any checkpoint). [default: auto]")]
+                                                             "blend (any checkpoint). (default: auto)")]
 
 
 def inpaint(ctx: typer.Context,
@@ -50,12 +50,12 @@ def inpaint(ctx: typer.Context,
             strength: Strength = None, mask_blur: MaskBlur = None,
             invert: Annotated[bool | None, typer.Option("--invert", help="Repaint the black part instead.")] = None,
             fill: Annotated[str | None, typer.Option("--fill", help="Masked content: fill, original, 'latent noise' "
-                                                                    "or 'latent nothing'. [default: original]")] = None,
+                                                                    "or 'latent nothing'. (default: original)")] = None,
             only_masked: Annotated[bool | None, typer.Option(
                 "--only-masked", help="Generate only the mask's box (plus padding) at the full resolution, "
                                       "then scale it back into the image.")] = None,
             padding: Annotated[int | None, typer.Option(help="Context pixels around the mask's box for "
-                                                             "--only-masked. [default: 32]")] = None,
+                                                             "--only-masked. (default: 32)")] = None,
             keep_unmasked: KeepUnmasked = None,
             soft: Annotated[bool | None, typer.Option("--soft", help="Soft inpainting: grey mask values are "
                                                                      "per-pixel strengths.")] = None,

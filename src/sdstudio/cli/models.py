@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sdstudio.cli.common import GlobalOptions, err, fail, quiet_libraries, settings_from
+from sdstudio.cli.common import GlobalOptions, err, fail, model_path, quiet_libraries, settings_from
 from sdstudio.errors import SdStudioError
 
 app = typer.Typer(no_args_is_help=True, help="Models: list what is installed, convert, merge.")
@@ -42,7 +42,8 @@ def list_models(ctx: typer.Context,
 
 @app.command()
 def convert(ctx: typer.Context,
-            source: Annotated[Path, typer.Argument(help="A diffusers folder, or a single .safetensors/.ckpt file.")],
+            source: Annotated[str, typer.Argument(help="A model by name (demo, ...), a diffusers folder, or a single "
+                                                       ".safetensors/.ckpt file.")],
             out: Annotated[Path, typer.Argument(help="A .safetensors file (from a folder) or a folder (from a file).")],
             half: Annotated[bool, typer.Option(help="Write float16 weights.")] = False,
             config: Annotated[Path | None, typer.Option(help="A diffusers folder to take configs and tokenizers "
@@ -55,8 +56,10 @@ def convert(ctx: typer.Context,
 
     settings = settings_from(ctx.obj or GlobalOptions("cpu", "float32"))
     quiet_libraries()
+    source = model_path(source, settings)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         fail(f"{out} already exists; choose a new output path (nothing was overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if source.is_dir():
             if out.suffix != ".safetensors":

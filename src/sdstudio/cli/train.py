@@ -61,8 +61,10 @@ def vae(data: Data, out: Out, arch: Annotated[str, typer.Option(help="demo or ti
 
 
 @app.command("model")
-def model(data: Data, out: Out, vae: Annotated[str, typer.Option(help="VAE folder (or a model folder).")],
-          base: Annotated[str | None, typer.Option(help="Fine-tune this model folder.")] = None,
+def model(data: Data, out: Out,
+          vae: Annotated[str | None, typer.Option(help="A VAE or a model (name or folder) whose VAE to use; "
+                                                       "default: --base's.")] = None,
+          base: Annotated[str | None, typer.Option(help="Fine-tune this model (name or folder).")] = None,
           arch: Annotated[str, typer.Option(help="Architecture when training from scratch: demo, tiny.")] = "demo",
           resolution: Resolution = 64, batch_size: Annotated[int, typer.Option()] = 64, steps: Steps = 20000,
           lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
@@ -78,14 +80,17 @@ def model(data: Data, out: Out, vae: Annotated[str, typer.Option(help="VAE folde
     _check_choice("prediction", prediction, ("epsilon", "v_prediction"))
     if inpaint and not base:
         _fail("--inpaint widens a trained model: give it --base MODEL")
-    cfg = SdTrainConfig(data=data, out=out, vae=vae, base=base, arch=arch, resolution=resolution,
+    if not (vae or base):
+        _fail("training from scratch needs a VAE: give --vae (a VAE or a model, e.g. --vae demo)")
+    cfg = SdTrainConfig(data=data, out=out, vae=_model(vae), base=_model(base), arch=arch, resolution=resolution,
                         batch_size=batch_size, steps=steps, lr=lr, ema_decay=ema, prediction_type=prediction,
                         seed=seed, save_every=save_every, save_dtype=save_dtype, inpaint=inpaint)
     _train(lambda p: train_sd(cfg, p, resume), steps)
 
 
 @app.command("controlnet")
-def controlnet(data: Data, out: Out, base: Annotated[str, typer.Option(help="The model folder it controls.")],
+def controlnet(data: Data, out: Out,
+               base: Annotated[str, typer.Option(help="The model it controls (name or folder).")],
                control: Annotated[str, typer.Option(help="Control image made from each training image: canny.")]
                = "canny", resolution: Resolution = 64, batch_size: Annotated[int, typer.Option()] = 64,
                steps: Steps = 3000, lr: Annotated[float, typer.Option(help="Peak learning rate (cosine).")] = 3e-4,
@@ -96,7 +101,7 @@ def controlnet(data: Data, out: Out, base: Annotated[str, typer.Option(help="The
     from sdstudio.train.controlnet import CONTROLS, ControlNetTrainConfig, train_controlnet
 
     _check_choice("control", control, CONTROLS)
-    cfg = ControlNetTrainConfig(data=data, out=out, base=base, control=control, resolution=resolution,
+    cfg = ControlNetTrainConfig(data=data, out=out, base=_model(base), control=control, resolution=resolution,
                                 batch_size=batch_size, steps=steps, lr=lr, ema_decay=ema, seed=seed,
                                 save_every=save_every, save_dtype=save_dtype)
     _train(lambda p: train_controlnet(cfg, p, resume), steps)
@@ -125,6 +130,19 @@ def _train(run, steps: int) -> None:
         except KeyboardInterrupt:
             _fail("interrupted (resume with --resume)", code=130)
     typer.echo(str(out))
+
+
+def _model(name: str | None) -> str | None:
+    """A model folder from a name the catalog knows (demo, ...) or a path; None stays None."""
+    if name is None:
+        return None
+    from sdstudio.cli.common import model_path
+    from sdstudio.settings import Settings
+
+    path = model_path(name, Settings.from_env())
+    if not path.is_dir():
+        _fail(f"{name} is a single file; training needs a diffusers folder (sdstudio models convert makes one)")
+    return str(path)
 
 
 def _check_choice(name: str, value: str, choices) -> None:

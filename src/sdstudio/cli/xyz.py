@@ -67,7 +67,7 @@ def xyz(ctx: typer.Context,
     try:
         if image is not None:
             fields["init_image"] = open_image(image)
-        plan = build_plan(build_request({}, fields), x, y, z)
+        plan = build_plan(build_request({}, fields), x, y, z, settings.limits.max_images)
     except SdStudioError as e:
         fail(str(e))
     quiet_libraries()

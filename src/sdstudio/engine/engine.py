@@ -38,7 +38,7 @@ class Engine:
 
     def __init__(self, settings: Settings, models: ModelManager | None = None):
         self.settings = settings
-        speed = SpeedOptions(settings.channels_last, settings.compile, settings.compile_mode)
+        speed = SpeedOptions(settings.channels_last, settings.compile, settings.compile_mode, settings.batch_invariant)
         options = LoadOptions(settings.device, settings.dtype, prediction=settings.prediction, offload=settings.offload,
                               speed=speed)
         budget = int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None
@@ -54,11 +54,13 @@ class Engine:
         ])
 
     def model_ref(self, name: str | None = None) -> ModelRef:
+        """The model called `name` (None: the default model, which the operator may give as a path)."""
+        names_only = self.settings.names_only and bool(name)
         name = name or self.settings.default_model
         if not name:
             raise ModelError("no model given: pass a model (a name from `sdstudio models list`, a diffusers "
                              "folder or a .safetensors file)")
-        return catalog.resolve(name, self.folders, self.models.hashes.known())
+        return catalog.resolve(name, self.folders, self.models.hashes.known(), names_only)
 
     def load(self, name: str | None = None) -> LoadedModel:
         return self.models.get(self.model_ref(name))

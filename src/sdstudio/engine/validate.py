@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class ModelGeometry:
 
 
 _NONE = type(None)
+_BREAK = re.compile(r"\bBREAK\b")
+MAX_CFG = 100.0  # classifier-free guidance scale; A1111's UI stops at 30
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepted, how messages say it)
     "str": ((str,), "text"), "str | None": ((str, _NONE), "text or null"),
     "int": ((int,), "a whole number"), "int | None": ((int, _NONE), "a whole number or null"),
@@ -68,8 +71,8 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     check_int(req.batch_size, "batch_size", 1, limits.max_batch_size)
     check_int(req.n_iter, "n_iter", 1, limits.max_n_iter)
     check_int(req.capture_every, "capture_every", 0, limits.max_steps)
-    if not isinstance(req.cfg_scale, int | float) or not req.cfg_scale >= 0:
-        raise RequestError(f"cfg_scale must be a number >= 0, got {req.cfg_scale!r}", "cfg_scale")
+    if not isinstance(req.cfg_scale, int | float) or not 0 <= req.cfg_scale <= MAX_CFG:
+        raise RequestError(f"cfg_scale must be a number from 0 to {MAX_CFG}, got {req.cfg_scale!r}", "cfg_scale")
     if not isinstance(req.strength, int | float) or not 0.0 <= req.strength <= 1.0:
         raise RequestError(f"strength must be between 0 and 1, got {req.strength!r}", "strength")
     check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)
@@ -77,9 +80,7 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise RequestError("prompt and negative_prompt must be text", "prompt")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(req, name)) > limits.max_prompt_chars:
-            raise RequestError(f"{name} is {len(getattr(req, name))} characters; the limit is "
-                               f"{limits.max_prompt_chars}", name)
+        check_text(getattr(req, name), name, limits)
     if req.total_images > limits.max_images:
         raise RequestError(f"batch_size x n_iter is {req.total_images}; the limit is {limits.max_images} images "
                            "per job", "n_iter")
@@ -108,10 +109,13 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     _check_pair(req.original_size, "original_size", "(width, height)", 1, allow_none=True)
     _check_pair(req.crop_left_top, "crop_left_top", "(left, top)", 0)
     for name in ("aesthetic_score", "negative_aesthetic_score"):
-        if not isinstance(getattr(req, name), int | float):
-            raise RequestError(f"{name} must be a number, got {getattr(req, name)!r}", name)
+        if not isinstance(getattr(req, name), int | float) or not 0 <= getattr(req, name) <= 10:
+            raise RequestError(f"{name} must be a number from 0 to 10, got {getattr(req, name)!r}", name)
     if not isinstance(req.controlnets, tuple | list):
         raise RequestError(f"controlnets must be a list of ControlNet units, got {req.controlnets!r}", "controlnets")
+    if len(req.controlnets) > limits.max_controlnet_units:
+        raise RequestError(f"{len(req.controlnets)} ControlNet units; the limit is {limits.max_controlnet_units}",
+                           "controlnets")
     for unit in req.controlnets:
         _check_unit(unit)
         if unit.preprocessor == "inpaint" and req.mask is None:
@@ -120,8 +124,10 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
         if unit.image is None and req.init_image is None:
             raise RequestError("a ControlNet unit needs a control image (or an init image to take it from)",
                                "controlnets.image")
+    check_pictures(req, limits)
     check_handoff(req)
     check_hires(req, limits)
+    check_work(req, limits)
     choice = resolve_sampler(req.sampler, req.schedule)
     if req.zero_terminal_snr and not choice.supports_zero_snr:
         raise RequestError(f"zero_terminal_snr needs a sampler whose schedule can reach zero SNR; "
@@ -140,10 +146,7 @@ def resolve_request(req: GenerationRequest, choice: SamplerChoice, geometry: Mod
     width, height = _resolve_size(req, geometry)
     for name, value in (("width", width), ("height", height)):
         check_int(value, name, limits.min_side, limits.max_side)
-        if value % geometry.factor:
-            raise RequestError(
-                f"{name} must be a multiple of {geometry.factor}, got {value} "
-                f"(nearest: {value // geometry.factor * geometry.factor or geometry.factor})", name)
+        check_multiple(value, name, geometry.factor)
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
     resolved = req.replace(width=width, height=height, seed=seed, model=model_name,
                            sampler=choice.sampler.name, schedule=choice.schedule)
@@ -167,6 +170,65 @@ def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int,
 def check_choice(value: object, choices: Iterable[str], name: str) -> None:
     if value not in choices:
         raise RequestError(f"{name.rpartition('.')[2]} must be one of {', '.join(choices)}, got {value!r}", name)
+
+
+def check_multiple(value: int, name: str, factor: int) -> None:
+    if value % factor:
+        raise RequestError(f"{name} must be a multiple of {factor}, got {value} "
+                           f"(nearest: {value // factor * factor or factor})", name)
+
+
+def check_text(text: str, name: str, limits: Limits) -> None:
+    """Within the length, BREAK and nesting limits, and valid Unicode (a lone UTF-16 surrogate cannot be
+    encoded or tokenized)."""
+    if len(text) > limits.max_prompt_chars:
+        raise RequestError(f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}", name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is not valid text (bytes that are not UTF-8, or a lone UTF-16 surrogate): "
+                           "send valid Unicode", name) from None
+    breaks = len(_BREAK.findall(text))
+    if breaks > limits.max_prompt_breaks:
+        raise RequestError(f"{name} has {breaks} BREAKs; the limit is {limits.max_prompt_breaks}", name)
+    depth = deepest = 0
+    for char in text:  # escaped brackets count too: a bound, not a parse
+        depth = depth + 1 if char in "([{" else max(depth - 1, 0) if char in ")]}" else depth
+        deepest = max(deepest, depth)
+    if deepest > limits.max_prompt_nesting:
+        raise RequestError(f"{name} nests brackets {deepest} deep; the limit is {limits.max_prompt_nesting}", name)
+
+
+def check_work(req: GenerationRequest, limits: Limits) -> None:
+    """The job's pixel-steps (Limits.max_work) within the operator's limit; the hires pass counts at its size."""
+    units = 1 + len(req.controlnets)
+    pixels = (req.width or 1024) * (req.height or 1024)
+    work = pixels * req.steps * req.total_images * units
+    hr = req.hires
+    if hr is not None:
+        size = hr.resize_x * hr.resize_y or pixels * hr.scale**2
+        work += size * (hr.steps or req.steps) * req.total_images * units
+    if work > limits.max_work:
+        raise RequestError(f"this job is {work:.3g} pixel-steps (width x height x steps x images x (1 + ControlNet "
+                           f"units), hires included); this server's limit is {limits.max_work:.3g}: use fewer "
+                           "steps, images or pixels", "steps")
+
+
+def check_pictures(req: GenerationRequest, limits: Limits) -> None:
+    """Init image, mask and control images within the upload pixel limit (the HTTP doors check it before
+    decoding; this holds for the Python API too)."""
+    named = [("init_image", req.init_image), ("mask", req.mask), *(("controlnets.image", u.image)
+                                                                   for u in req.controlnets)]
+    for name, picture in named:
+        size = getattr(picture, "size", None)
+        if size and size[0] * size[1] > limits.max_upload_pixels:
+            raise RequestError(f"{name} is {size[0]}x{size[1]} pixels; the limit is {limits.max_upload_pixels}",
+                               name)
+    size = getattr(req.init_image, "size", None)
+    if size and (req.width is None or req.height is None) and min(size) < limits.min_side:
+        raise RequestError(f"init_image is {size[0]}x{size[1]}; with no width and height the output takes its size, "
+                           f"which must be at least {limits.min_side} pixels a side: give width and height, or a "
+                           "larger picture", "init_image")
 
 
 def check_int(value: object, name: str, lo: int, hi: int) -> None:

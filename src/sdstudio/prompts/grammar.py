@@ -361,10 +361,17 @@ class Explanation:
             lines.append(f"sub-prompt {i + 1}, weight {sub.weight:g}: {sub.text!r}"
                          + (" (used as written: scheduling syntax rejected)" if sub.literal else ""))
             for s in sub.steps:
-                chunks = " ".join(f"{t!r}" if w == 1.0 else f"{t!r}x{w:.4g}" for t, w in s.attention)
+                chunks = " ".join(_chunk(t, w) for t, w in s.attention)
                 lines.append(f"  steps ..{s.end_step}: {chunks}")
         lines.extend(f"note at column {n.column}: {n.message}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _chunk(text: str, weight: float) -> str:
+    """One attention span for `prompt explain`: 'text', 'text'x1.1, or BREAK (a weight below 0 marks it)."""
+    if weight < 0:
+        return "BREAK"
+    return f"{text!r}" if weight == 1.0 else f"{text!r}x{weight:.4g}"
 
 
 def explain(parsed: ParsedPrompt, steps: int, *, hires_steps: int | None = None,

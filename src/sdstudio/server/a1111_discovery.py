@@ -85,7 +85,8 @@ def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
         high = min(max(int(body.controlnet_threshold_b), low), 255)
         out = []
         for i, data in enumerate(body.images):
-            picture = decode_image(data, f"controlnet_input_images[{i}]").convert("RGB")
+            picture = decode_image(data, f"controlnet_input_images[{i}]",
+                                   state.settings.limits.max_upload_pixels).convert("RGB")
             scale = body.controlnet_processor_res / min(picture.size)
             picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                                      Image.Resampling.LANCZOS)

@@ -25,7 +25,7 @@ def add_extras_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/extra-single-image")
     def extra_single_image(body: ExtrasSingleBody) -> dict[str, Any]:
         check_extras(body)
-        image, info = run_extras(state, body, decode_image(body.image, "image"))
+        image, info = run_extras(state, body, decode_image(body.image, "image", upload_pixels(state)))
         return {"html_info": info, "image": png_b64(image)}
 
     @app.post("/sdapi/v1/extra-batch-images")
@@ -34,9 +34,14 @@ def add_extras_routes(app: FastAPI, state: ServerState) -> None:
         limit = state.settings.limits.max_images
         if not body.imageList or len(body.imageList) > limit:
             raise RequestError(f"imageList must hold 1 to {limit} images, got {len(body.imageList)}", "imageList")
-        pictures = [decode_image(item.data, f"imageList[{i}].data") for i, item in enumerate(body.imageList)]
+        pictures = [decode_image(item.data, f"imageList[{i}].data", upload_pixels(state))
+                    for i, item in enumerate(body.imageList)]
         done = [run_extras(state, body, picture) for picture in pictures]
         return {"html_info": done[0][1], "images": [png_b64(image) for image, _ in done]}
+
+
+def upload_pixels(state: ServerState) -> int:
+    return state.settings.limits.max_upload_pixels
 
 
 def run_extras(state: ServerState, body: ExtrasBody, image: Image.Image) -> tuple[Image.Image, str]:

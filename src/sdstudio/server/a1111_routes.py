@@ -25,7 +25,6 @@ from sdstudio.pictures import decode_image
 from sdstudio.server.a1111_discovery import add_discovery_routes
 from sdstudio.server.a1111_extras import add_extras_routes
 from sdstudio.server.a1111_settings import A1111Settings
-from sdstudio.server.payload import decode_request
 from sdstudio.server.state import ServerState
 from sdstudio.storage.images import text_chunks
 
@@ -40,8 +39,8 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     def generate(body: Txt2ImgBody | Img2ImgBody) -> dict[str, Any]:
         """Translate, prepare (bad input: 422 before anything is queued), queue, wait for the job's end, and
         answer from its durable record and stored files."""
-        payload = to_native_payload(body, settings.current)
-        prepared = state.engine.prepare(decode_request(payload))
+        payload = to_native_payload(body, settings.current, state.settings.limits.max_controlnet_units)
+        prepared = state.engine.prepare(state.decode(payload))
         job = worker.submit(f"{A1111_KIND}-{prepared.request.mode}", payload, prepared)
         done = worker.wait(job.id)
         if done is None or done.status != "done" or not done.result:
@@ -49,7 +48,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
             if done is not None and done.status == "cancelled":
                 reason = "interrupted"
             raise RequestError(reason or "the job did not finish", "job")
-        pngs = [(state.images_dir / name).read_bytes() for name in done.result["images"]]
+        pngs = [state.image_bytes(job.id, name, i) for i, name in enumerate(done.result["images"])]
         notes = fallback_notes(body)
         for note in notes:
             log.warning("A1111 request: %s", note)
@@ -68,8 +67,17 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
     def get_options() -> dict[str, Any]:
         current = settings.current
         if current.sd_model_checkpoint is None:
-            return {**current.to_dict(), "sd_model_checkpoint": state.settings.default_model}
+            return {**current.to_dict(), "sd_model_checkpoint": default_title()}
         return current.to_dict()
+
+    def default_title() -> str | None:
+        """The default model as sd-models lists it (the operator may have given it as a path)."""
+        try:
+            ref = state.engine.model_ref()
+        except SdStudioError:
+            return state.settings.default_model
+        sha256 = state.engine.models.hashes.quick_sha256(ref.path)
+        return listings.model_title(ref, sha256[:listings.MODEL_HASH_DIGITS] if sha256 else None)
 
     @app.post("/sdapi/v1/options")
     def set_options(data: dict[str, Any]) -> None:
@@ -140,7 +148,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/sdapi/v1/png-info")
     def read_png_info(data: dict[str, Any]) -> dict[str, Any]:
-        image = decode_image(data.get("image"), "image")
+        image = decode_image(data.get("image"), "image", state.settings.limits.max_upload_pixels)
         chunks = text_chunks(image)
         text = chunks.get("parameters", "")
         items = {k: v for k, v in chunks.items() if k != "parameters"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -20,19 +21,21 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sdstudio.engine.engine import Engine
 from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
-from sdstudio.server.payload import decode_request
+from sdstudio.server.body_checks import BodyLimit, CheckedJSONRoute
+from sdstudio.server.browser_guards import BrowserGuards
 from sdstudio.server.state import ServerState, get_job, job_view
 from sdstudio.server.studio_routes import add_studio_routes
 from sdstudio.server.ui_routes import add_ui_routes
 from sdstudio.server.worker import Worker
 from sdstudio.settings import PACKAGED_MODELS, Settings
 from sdstudio.storage.jobs import STATUSES, JobStore
+from sdstudio.storage.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,15 @@ class JobBody(BaseModel):
 
 
 def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
-               auth: dict[str, str] | None = None) -> FastAPI:
-    """auth: user -> password; when given, every route (docs included) needs HTTP Basic credentials."""
+               auth: dict[str, str] | None = None, allowed_hosts: list[str] | None = None,
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+    """auth: user -> password; when given, every route (docs included) needs HTTP Basic credentials.
+    allowed_hosts: Host names requests must carry (None: any); allowed_origins: web pages that may change state
+    besides this server's own (browser_guards.py).
+    Model-like fields take names only (a path from the network is never opened: models/find/names.py)."""
+    settings = dataclasses.replace(settings, names_only=True)
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(data_dir)  # before recovery: "running" jobs are then a dead server's
     store = JobStore(data_dir / "jobs.sqlite3")
     recovered = store.recover()
     if recovered:
@@ -68,12 +77,15 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
             worker.start()
         yield
         worker.stop()
+        lock.release()
 
     app = FastAPI(title="sdstudio", version="1", lifespan=lifespan,
                   description="Native job API (/api/v1) and AUTOMATIC1111-compatible API (/sdapi/v1).")
+    app.router.route_class = CheckedJSONRoute  # before any route: every JSON body is checked (body_checks.py)
     app.state.sdstudio = state
     add_error_handlers(app, state.roots)
-    add_upload_limit(app, settings.limits.max_upload_bytes)
+    add_request_filters(app, settings.limits.max_upload_bytes)
+    app.add_middleware(BrowserGuards, allowed_hosts=allowed_hosts, origins=allowed_origins)
     add_a1111_routes(app, state)
     add_studio_routes(app, state)
     if auth:
@@ -81,7 +93,8 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
 
     @app.post("/api/v1/jobs", status_code=202)
     def submit(body: JobBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
-        prepared = engine.prepare(decode_request(body.request))  # needs no model loaded: 422 before queueing
+        # needs no model loaded: 422 before queueing
+        prepared = engine.prepare(state.decode(body.request))
         job = worker.submit(prepared.request.mode, body.request, prepared, body.idempotency_key or idempotency_key)
         return job_view(job, state)
 
@@ -98,6 +111,18 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
             worker.interrupt(job_id)
         return job_view(store.get(job_id) or job, state)
 
+    @app.post("/api/v1/jobs/{job_id}/interrupt")
+    def interrupt(job_id: str, how: str = "interrupt") -> dict[str, Any]:
+        """Stop a running job and keep what it finished, as A1111's Interrupt (how=skip: its current batch
+        only, the job goes on); the job ends done with those images. POST .../cancel discards instead."""
+        if how not in ("interrupt", "skip"):
+            raise RequestError(f"how must be interrupt or skip, got {how!r}", "how")
+        job = get_job(store, job_id)
+        if job.status != "running" or not worker.interrupt(job_id, how=how):
+            raise RequestError(f"job {job_id} is {job.status}, not running: only a running job can be "
+                               "interrupted (cancel a queued one)", "job_id")
+        return job_view(store.get(job_id) or job, state)
+
     @app.get("/api/v1/jobs")
     def history(offset: int = 0, limit: int = 20, q: str | None = None, status: str | None = None) -> dict[str, Any]:
         if not 0 <= offset <= 2**62 or not 1 <= limit <= 100:
@@ -108,12 +133,12 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
         return {"total": total, "offset": offset, "jobs": [job_view(j, state) for j in jobs]}
 
     @app.get("/api/v1/images/{job_id}/{index}")
-    def image(job_id: str, index: int) -> FileResponse:
+    def image(job_id: str, index: int) -> Response:
         job = get_job(store, job_id)
         files = (job.result or {}).get("images", [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job_id} has no image {index}")
-        return FileResponse(images_dir / files[index], media_type="image/png")
+        return Response(state.image_bytes(job_id, files[index], index), media_type="image/png")
 
     @app.get("/api/v1/jobs/{job_id}/events")
     async def events(job_id: str) -> StreamingResponse:
@@ -155,14 +180,8 @@ def private_roots(settings: Settings, data_dir: Path) -> dict[str, str]:
     return dict(sorted(roots.items(), key=lambda kv: -len(kv[0])))  # longest first: nested folders
 
 
-def add_upload_limit(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return JSONResponse({"error": "too large", "detail": f"the request body is {int(length)} bytes; the "
-                                 f"limit is {limit}"}, status_code=413)
-        return await call_next(request)
+def add_request_filters(app: FastAPI, limit: int) -> None:
+    app.add_middleware(BodyLimit, limit=limit)
 
     @app.middleware("http")
     async def repeated_slashes(request: Request, call_next: Any) -> Any:

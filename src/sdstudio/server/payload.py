@@ -11,8 +11,8 @@ from typing import Any
 
 from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
 from sdstudio.errors import RequestError
+from sdstudio.pictures import DEFAULT_UPLOAD_PIXELS, image_to_b64
 from sdstudio.pictures import decode_image as image_from_b64
-from sdstudio.pictures import image_to_b64
 
 
 def encode_request(req: GenerationRequest) -> dict[str, Any]:
@@ -30,8 +30,10 @@ def encode_request(req: GenerationRequest) -> dict[str, Any]:
     return fields
 
 
-def decode_request(payload: dict[str, Any]) -> GenerationRequest:
-    """The inverse of encode_request."""
+def decode_request(payload: dict[str, Any], max_pixels: int = DEFAULT_UPLOAD_PIXELS,
+                   max_units: int | None = None) -> GenerationRequest:
+    """The inverse of encode_request; each picture's size is checked against `max_pixels` before decoding, and
+    the number of ControlNet units against `max_units` before any of their pictures is."""
     if not isinstance(payload, dict):
         raise RequestError("the request must be an object of GenerationRequest fields", "request")
     fields = {k: v for k, v in payload.items() if k in GenerationRequest.field_names() and k != "controlnets"}
@@ -40,13 +42,18 @@ def decode_request(payload: dict[str, Any]) -> GenerationRequest:
             fields[name] = tuple(fields[name])
     for name in IMAGES:
         if payload.get(name):
-            fields[name] = image_from_b64(payload[name], name)
+            fields[name] = image_from_b64(payload[name], name, max_pixels)
     units = []
     given = payload.get("controlnets") or []
     if not isinstance(given, list) or not all(isinstance(u, dict) for u in given):
         raise RequestError("controlnets must be a list of unit objects ({\"model\": ..., \"image\": ...})",
                            "controlnets")
-    for unit in given:
-        image = image_from_b64(unit["image"], "controlnets.image") if unit.get("image") else None
+    if max_units is not None and len(given) > max_units:
+        raise RequestError(f"{len(given)} ControlNet units; the limit is {max_units}", "controlnets")
+    for i, unit in enumerate(given):
+        if not isinstance(unit.get("model"), str) or not unit["model"].strip():
+            raise RequestError(f"controlnets[{i}].model must name a ControlNet (GET /api/v1/catalog lists them)",
+                               "controlnets.model")
+        image = image_from_b64(unit["image"], "controlnets.image", max_pixels) if unit.get("image") else None
         units.append(ControlUnit(**{**ControlUnit.from_dict(unit).__dict__, "image": image}))
     return GenerationRequest.from_flat(**fields, controlnets=tuple(units))  # types: checked by Engine.prepare

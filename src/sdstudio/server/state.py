@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from sdstudio.engine.engine import Engine
+from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import NotFound
+from sdstudio.server.payload import decode_request
 from sdstudio.server.worker import Worker
 from sdstudio.settings import Settings
 from sdstudio.storage.jobs import JobRecord
 from sdstudio.storage.queue import JobQueue
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -24,6 +28,22 @@ class ServerState:
     images_dir: Path
     roots: dict[str, str]  # local folders -> what clients see instead
     data_dir: Path
+
+    def decode(self, payload: dict[str, Any]) -> GenerationRequest:
+        """A request payload from the network, its pictures and ControlNet units within this server's limits."""
+        limits = self.settings.limits
+        return decode_request(payload, limits.max_upload_pixels, limits.max_controlnet_units)
+
+    def image_bytes(self, job_id: str, name: str, index: int) -> bytes:
+        """A stored image's PNG bytes; NotFound naming it when the file is gone or is not a PNG any more."""
+        path = self.images_dir / name
+        try:
+            data = path.read_bytes() if path.resolve().is_relative_to(self.images_dir.resolve()) else b""
+        except OSError:
+            data = b""
+        if not data.startswith(PNG_SIGNATURE):
+            raise NotFound(f"image {index} of job {job_id} is missing or damaged in the data folder")
+        return data
 
     def scrub(self, message: str | None) -> str | None:
         if message is None:

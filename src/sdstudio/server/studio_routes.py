@@ -75,13 +75,13 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/api/v1/png-info")
     def png_info(body: PngInfoBody) -> dict[str, Any]:
-        meta = image_metadata(decode_image(body.image, "image"))
+        meta = image_metadata(decode_image(body.image, "image", state.settings.limits.max_upload_pixels))
         source, fields = read_fields(meta)
         return {"infotext": meta.infotext, "fields": fields, "source": source}
 
     @app.post("/api/v1/preprocess")
     def run_preprocessor(body: PreprocessBody) -> dict[str, Any]:
-        image = decode_image(body.image, "image")
+        image = decode_image(body.image, "image", state.settings.limits.max_upload_pixels)
         check_preprocess(body, image, state.settings.limits.max_pixels)
         with state.worker.device_lock:  # annotators may use the device the worker owns
             control = preprocess_control(image.convert("RGB"), body.preprocessor, body.low_threshold,
@@ -117,7 +117,8 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/api/v1/xyz", status_code=202)
     def submit_xyz(body: XYZBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         payload = xyz_payload(body.request, body.x, body.y, body.z)
-        check_xyz(state.engine, plan_xyz(payload))  # bad axes and bad fields: 422 before queueing
+        # bad axes, too many images, bad fields: 422 before queueing
+        check_xyz(state.engine, plan_xyz(payload, state.settings.limits.max_images))
         job = state.worker.submit(XYZ_KIND, payload, idempotency_key=body.idempotency_key or idempotency_key)
         return job_view(job, state)
 

@@ -83,14 +83,17 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: ProgressFn | None = N
     saved = resume_point(cfg.out, cfg, resume)
     torch.manual_seed(cfg.seed)
     base = Path(cfg.base)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32,
+                                                local_files_only=True)
     unet.eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32,
+                                                 local_files_only=True).eval()
     vae = load_vae(str(base))
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.embedding_channels)
     controlnet.train()
-    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # the base's noise schedule and target
+    # the base's noise schedule and target
+    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
     params = list(controlnet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     lr_sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)

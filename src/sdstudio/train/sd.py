@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdstudio.errors import RequestError
 from sdstudio.models.tools.layout import SD15_SCHEDULER, save_sd_folder
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import CaptionedImages, batch_indices, open_data
@@ -55,7 +56,7 @@ TEXT_ARCHS = {
 class SdTrainConfig:
     data: str                    # a caption folder, or "shapes" to stream the procedural dataset
     out: Path                    # the diffusers model folder to write
-    vae: str                     # a VAE folder, or a model folder whose vae/ is used (frozen)
+    vae: str | None = None       # a VAE folder, or a model folder whose vae/ is used (frozen); None: the base's
     base: str | None = None      # fine-tune this model folder instead of training from scratch
     arch: str = "demo"
     resolution: int = 64
@@ -88,19 +89,23 @@ class Parts:
 def load_vae(path: str) -> AutoencoderKL:
     folder = Path(path)
     sub = "vae" if (folder / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32, local_files_only=True)
+    return vae.eval().requires_grad_(False)
 
 
 def build_parts(cfg: SdTrainConfig) -> Parts:
     torch.manual_seed(cfg.seed)
-    vae = load_vae(cfg.vae)
+    if not (cfg.vae or cfg.base):
+        raise RequestError("training a model from scratch needs a VAE: give --vae (a VAE or a model)", "vae")
+    vae = load_vae(cfg.vae or cfg.base)
     if cfg.base:
         base = Path(cfg.base)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
-        return Parts(CLIPTokenizer.from_pretrained(base / "tokenizer"),
-                     CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32),
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32,
+                                                    local_files_only=True)
+        return Parts(CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True),
+                     CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32, local_files_only=True),
                      widen_conv_in(unet) if cfg.inpaint else unet, vae)
-    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER, local_files_only=True)
     text = TEXT_ARCHS[cfg.arch]
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,

@@ -106,7 +106,7 @@ def train_vae(cfg: VaeTrainConfig, progress: ProgressFn | None = None, resume: b
     data = open_data(cfg.data, cfg.seed, cfg.resolution)
     saved = resume_point(cfg.out, cfg, resume)
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL.from_pretrained(cfg.base, torch_dtype=torch.float32) if cfg.base else \
+    vae = AutoencoderKL.from_pretrained(cfg.base, torch_dtype=torch.float32, local_files_only=True) if cfg.base else \
         new_vae(cfg.arch, cfg.resolution)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)

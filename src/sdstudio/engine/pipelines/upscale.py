@@ -24,6 +24,7 @@ from torch import Tensor
 from sdstudio.engine.requests import image_sha256
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef, scan
+from sdstudio.models.find.names import leaf
 from sdstudio.storage.images import dated_folder, png_info, write_unique
 from sdstudio.storage.results import to_json
 
@@ -149,8 +150,9 @@ def find_x4_models(folders: ModelFolders) -> list[ModelRef]:
     return [ref for ref in scan(folders) if ref.path.is_dir() and is_x4_folder(ref.path)]
 
 
-def resolve_upscaler(name: str, folders: ModelFolders) -> str | ModelRef:
-    """A resampler's canonical name, or the x4 upscaler model `name` is a path to or the catalog name of."""
+def resolve_upscaler(name: str, folders: ModelFolders, names_only: bool = False) -> str | ModelRef:
+    """A resampler's canonical name, or the x4 upscaler model `name` is a path to or the catalog name of.
+    names_only: never a path (models/find/names.py)."""
     if not isinstance(name, str) or not name.strip():
         raise RequestError(unknown_message(name, find_x4_models(folders)), "upscaler")
     if found := resampler(name):
@@ -159,13 +161,13 @@ def resolve_upscaler(name: str, folders: ModelFolders) -> str | ModelRef:
         raise RequestError(f"{name!r} is a latent upscale mode (hires fix only); an image takes a resampler "
                            f"({', '.join(RESAMPLERS)}) or an x4 upscaler model", "upscaler")
     path = Path(name).expanduser()
-    if path.exists():
+    if not names_only and path.exists():
         if not is_x4_folder(path):
             raise RequestError(f"{path} is not an x4 upscaler model: expected a diffusers folder whose "
                                f"model_index.json names {X4_PIPELINE}", "upscaler")
         return ModelRef(path.name, path)
     models = find_x4_models(folders)
-    wanted = name.strip().lower()
+    wanted = leaf(name).lower() if names_only else name.strip().lower()
     for ref in models:
         if wanted in (ref.name.lower(), ref.path.name.lower()):
             return ref

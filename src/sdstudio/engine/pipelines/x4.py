@@ -184,7 +184,7 @@ class Upscalers:
         """Upscale `req.image`; raises RequestError/ModelError for bad input, Cancelled."""
         start = time.perf_counter()
         check_request(req, self.settings.limits)
-        choice = resolve_upscaler(req.upscaler, self.folders)
+        choice = resolve_upscaler(req.upscaler, self.folders, self.settings.names_only)
         if cancel is not None:
             cancel.raise_if_cancelled()
         if isinstance(choice, str):

@@ -9,8 +9,9 @@ unconditional rows zero residuals, and scales the 13 residuals by logspace(-1, 0
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from sdstudio.engine.requests import ControlUnit
 from sdstudio.engine.sd.preprocess import canny, preprocess
+from sdstudio.engine.sd.rows import per_image
 from sdstudio.errors import RequestError
 from sdstudio.pictures import fit
 from sdstudio.prompts.conditioning import GuidedConditioning, TextConditioning
@@ -102,14 +104,18 @@ def _positives(cond: GuidedConditioning) -> TextConditioning:
 
 
 def residuals(controls: Sequence[ControlInput], x_in: Tensor, t: Tensor, cond: GuidedConditioning, guided: bool,
-              batch: int, i: int, total: int) -> dict[str, Any]:
+              batch: int, i: int, total: int, between: Callable[[], None] | None = None,
+              images: int = 1) -> dict[str, Any]:
     """UNet kwargs with the summed residuals of the active units for one evaluation; {} when none is.
 
     x_in: ((k+1)B | B, C, h, w) the scaled model input, 4 latent channels (9-channel inpainting UNets
-    take their extra channels; the ControlNet does not)."""
+    take their extra channels; the ControlNet does not). `between` runs before each unit (a cancel check);
+    images > 1: each unit runs image by image (rows.py)."""
     down: list[Tensor] | None = None
     mid: Tensor | None = None
     for unit in controls:
+        if between is not None:
+            between()
         scale = unit.scale_at(i, total)
         if scale == 0.0:
             continue
@@ -117,8 +123,8 @@ def residuals(controls: Sequence[ControlInput], x_in: Tensor, t: Tensor, cond: G
         x_c = x_in[batch:] if cond_only else x_in
         context = _positives(cond) if cond_only else (cond.cfg_batch if guided else cond.positive)
         image = unit.image.expand(x_c.shape[0], -1, -1, -1)
-        d, m = unit.model(x_c, t, controlnet_cond=image, conditioning_scale=scale, guess_mode=unit.guess_mode,
-                          return_dict=False, **context.unet_kwargs())
+        run = partial(unit.model, timestep=t, conditioning_scale=scale, guess_mode=unit.guess_mode, return_dict=False)
+        d, m = per_image(run, x_c, {"controlnet_cond": image, **context.unet_kwargs()}, images)
         if cond_only:  # zero residuals for the unconditional rows
             d = [torch.cat([torch.zeros_like(r[:batch]), r]) for r in d]
             m = torch.cat([torch.zeros_like(m[:batch]), m])

@@ -104,7 +104,8 @@ class Job:
         def batch(iteration: int, seeds: list[int]) -> DecodedBatch:
             init = batch_rows(inputs.init, iteration * self.req.batch_size, len(seeds))
             out = run_loop(iteration, seeds, init, inputs)
-            pictures = to_pil(decode_latents(self.vae, out.latents), f)
+            between = self.cancel.raise_if_cancelled if self.cancel else None
+            pictures = to_pil(decode_latents(self.vae, out.latents, between), f)
             if inputs.canvas is not None:
                 pictures = [inputs.canvas.finish(picture) for picture in pictures]
             return DecodedBatch(out.latents, pictures, out.captures, out.scheduler_config)
@@ -234,6 +235,8 @@ class Job:
             blend=blend,
             step_kwargs=step_kwargs(scheduler, step_generators(seeds, generators, req.eta_noise_seed_delta)),
             controls=inputs.controls,
+            check=self.cancel.raise_if_cancelled if self.cancel else None,
+            per_image=model.per_image,  # batch-invariant (rows.py): on CPU by default
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sdstudio.engine.hooks import StepHook, StepState
 from sdstudio.engine.sd.control import ControlInput, residuals
+from sdstudio.engine.sd.rows import per_image
 from sdstudio.prompts.conditioning import CondProvider
 
 
@@ -37,6 +38,8 @@ class Plan:
     blend: Callable[[Tensor, int], Tensor] | None = None  # (x after step i, i) -> x, kept region re-imposed
     step_kwargs: Mapping[str, Any] = field(default_factory=dict)  # per-image generators, eta
     controls: tuple[ControlInput, ...] = ()  # ControlNet units, residuals summed into every UNet call
+    check: Callable[[], None] | None = None  # within a step (between units, images): raises to cancel
+    per_image: bool = False  # call the UNet (and ControlNets) image by image: batch-invariant results (rows.py)
 
 
 @torch.inference_mode()
@@ -52,8 +55,10 @@ def denoise(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, h
         context = cond.cfg_batch if guided else cond.positive
         model_in = x_in if plan.condition is None else \
             torch.cat([x_in, plan.condition.repeat(k + 1 if guided else 1, 1, 1, 1)], dim=1)
-        extra = residuals(plan.controls, x_in, t, cond, guided, batch, i, total) if plan.controls else {}
-        out = unet(model_in, t, **context.unet_kwargs(), **extra, return_dict=False)[0]
+        images = batch if plan.per_image else 1
+        extra = residuals(plan.controls, x_in, t, cond, guided, batch, i, total, plan.check,
+                          images) if plan.controls else {}
+        out = per_image(at_timestep(unet, t), model_in, {**context.unet_kwargs(), **extra}, images, plan.check)
         if guided:
             uncond, *texts = out.chunk(k + 1)
             delta = sum(w * (text - uncond) for w, text in zip(cond.weights, texts, strict=True))
@@ -67,6 +72,11 @@ def denoise(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, h
             x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)
             hook(StepState(i, total, t, x, x0))
     return x
+
+
+def at_timestep(unet: Callable[..., Any], t: Tensor) -> Callable[..., Tensor]:
+    """unet(rows, t, **kw)'s output tensor, for per_image."""
+    return lambda rows, **kw: unet(rows, t, **kw, return_dict=False)[0]
 
 
 def rescale_cfg(guided: Tensor, text: Tensor, phi: float) -> Tensor:

@@ -19,7 +19,7 @@ from sdstudio.engine.sd.hires import output_pixels, requested_choice
 from sdstudio.engine.sd.hires_job import HiresJob
 from sdstudio.engine.sd.job import Job
 from sdstudio.engine.sd.stages import set_vae_tiling
-from sdstudio.engine.validate import ModelGeometry, check_fields, resolve_request
+from sdstudio.engine.validate import ModelGeometry, check_fields, check_multiple, resolve_request
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.load.controlnet import ControlNetCache, find_controlnet
@@ -31,6 +31,8 @@ from sdstudio.prompts.grammar_parse import split_networks
 from sdstudio.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SD_LATENT_FACTOR = 8  # pixels per latent cell, every SD1/SD2/SDXL VAE
 
 
 @dataclass
@@ -53,11 +55,16 @@ class SdRunner:
 
     def prepare(self, request: GenerationRequest, ref: ModelRef | None) -> PreparedJob:
         choice = check_fields(request, self.settings.limits)
+        for name in ("width", "height"):  # every SD VAE is 8x: refused before any model is loaded
+            if getattr(request, name):
+                check_multiple(getattr(request, name), name, SD_LATENT_FACTOR)
         syntax, first = request.prompt_syntax, (request.prompt, request.negative_prompt, request.steps)
         prompts = self.prompt_schedule(*first, syntax)
-        controls = tuple(find_controlnet(unit.model, self.folders.controlnet) for unit in request.controlnets)
+        names_only = self.settings.names_only
+        controls = tuple(find_controlnet(unit.model, self.folders.controlnet, names_only)
+                         for unit in request.controlnets)
         ref = ref or self.resolve(request.model)  # an unknown name: ModelError, listing close ones
-        vae = find_vae(request.vae, ref, self.folders.vae)
+        vae = find_vae(request.vae, ref, self.folders.vae, names_only)
         hires = None
         if (hr := request.hires) is not None:  # the second pass reads its own prompt over its own steps
             second = (hr.prompt or request.prompt, hr.negative_prompt or request.negative_prompt,

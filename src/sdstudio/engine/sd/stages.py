@@ -10,7 +10,7 @@ So an image does not depend on the batch it was made in, nor on the device.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,10 +98,16 @@ def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def decode_latents(vae: Any, latents: Tensor) -> Tensor:
-    """(B, 3, H, W) images in [-1, 1] from scaled latents (B, C, h, w), one image at a time."""
+def decode_latents(vae: Any, latents: Tensor, between: Callable[[], None] | None = None) -> Tensor:
+    """(B, 3, H, W) images in [-1, 1] from scaled latents (B, C, h, w), one image at a time; `between` runs
+    before each (a cancel check: a large batch's decode stops within one image's time)."""
     z = latents.to(device=device_of(vae), dtype=vae.dtype) / vae.config.scaling_factor
-    return torch.cat([vae.decode(z[i: i + 1], return_dict=False)[0] for i in range(z.shape[0])])
+    out = []
+    for i in range(z.shape[0]):
+        if between is not None:
+            between()
+        out.append(vae.decode(z[i: i + 1], return_dict=False)[0])
+    return torch.cat(out)
 
 
 def to_pil(images: Tensor, factor: int) -> list[Image.Image]:

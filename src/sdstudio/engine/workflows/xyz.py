@@ -9,11 +9,14 @@ prompt, and each value in turn replaces it (the first cell keeps the prompt as i
 The plan is every combination (Z outermost, then Y, then X); `run_xyz` generates them in that order and
 draws one grid per Z value: X values label the columns, Y values the rows, the Z value is the title.
 A random seed (-1) is fixed once for the whole plot, as A1111 does, so only the axes change between cells.
+An axis holds at most MAX_AXIS_VALUES values (a range is counted before it is expanded), and a plot's images
+(cells x batch_size x n_iter) count against the per-job image limit.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -132,14 +135,20 @@ class XYZPlan:
         return a.labels if a else ()
 
 
-def build_plan(base: GenerationRequest, x: str, y: str | None = None, z: str | None = None) -> XYZPlan:
-    """Parse the axis specs and make every cell's request from `base`."""
+def build_plan(base: GenerationRequest, x: str, y: str | None = None, z: str | None = None,
+               max_images: int | None = None) -> XYZPlan:
+    """Parse the axis specs and make every cell's request from `base`; a plot of more than `max_images` images
+    is refused before any cell is made."""
     if base.seed == -1:
         base = base.replace(seed=random.randrange(2**32))
     if base.variation.seed == -1 and base.variation.strength > 0:
         base = base.replace(subseed=random.randrange(2**32))
     axes = (parse_axis(x, base), parse_axis(y, base) if y else None, parse_axis(z, base) if z else None)
     nx, ny, nz = (len(a.values) if a else 1 for a in axes)
+    images = nx * ny * nz * base.total_images
+    if max_images is not None and images > max_images:
+        raise RequestError(f"the plot would make {images} images ({nx} x {ny} x {nz} cells x {base.total_images} "
+                           f"per cell); the limit is {max_images}: use fewer values or a smaller batch", "x")
     cells = []
     for k in range(nz):
         for j in range(ny):
@@ -163,7 +172,11 @@ def parse_axis(spec: str, base: GenerationRequest) -> XYZAxis:
     texts = [t.strip() for row in csv.reader([text], skipinitialspace=True) for t in row if t.strip()]
     if not texts:
         raise RequestError(f"axis {kind.name} has no values: write {kind.name}=v1,v2,...", "axis")
+    if len(texts) > MAX_AXIS_VALUES:
+        raise RequestError(f"axis {kind.name} has {len(texts)} values; at most {MAX_AXIS_VALUES}", "axis")
     values = _PARSERS[kind.kind](kind.name, texts)
+    if len(values) > MAX_AXIS_VALUES:
+        raise RequestError(f"axis {kind.name} has {len(values)} values; at most {MAX_AXIS_VALUES}", "axis")
     if kind.name in ("seed", "subseed"):  # A1111 fixes random seeds before the plot
         values = [random.randrange(2**32) if v == -1 else v for v in values]
     if kind.kind == "prompt_sr":
@@ -190,27 +203,35 @@ def _numbers(convert: type) -> Callable[[str, list[str]], list[Any]]:
         for text in texts:
             m = _RANGE.fullmatch(text)
             try:
-                out.extend(_expand(convert, *m.groups()) if m else [convert(text)])
+                out.extend(_expand(convert, *m.groups(), room=MAX_AXIS_VALUES - len(out)) if m else [convert(text)])
             except ValueError:
                 raise RequestError(f"axis {name} takes {what} or ranges like 1-5, 1-10 (+2), 1-10 [4]; "
                                    f"got {text!r}", "axis") from None
+            except OverflowError:
+                raise RequestError(f"axis {name}: {text!r} gives more than {MAX_AXIS_VALUES} values in all; "
+                                   f"at most {MAX_AXIS_VALUES} per axis", "axis") from None
         return out
 
     return parse
 
 
-def _expand(convert: type, start: str, end: str, step: str | None, count: str | None) -> list[Any]:
-    """A1111's ranges, both ends included: (+step) or [count] evenly spaced values."""
+def _expand(convert: type, start: str, end: str, step: str | None, count: str | None, room: int) -> list[Any]:
+    """A1111's ranges, both ends included: (+step) or [count] evenly spaced values. OverflowError when there
+    would be more than `room` values (counted before any is made)."""
     a, b = convert(start), convert(end)
     if count is not None:
         n = int(count)
         if n < 1:
             raise ValueError
+        if n > room:
+            raise OverflowError
         return [a] if n == 1 else [convert(a + (b - a) * i / (n - 1)) for i in range(n)]
     s = convert(step) if step is not None else convert(1 if b >= a else -1)
-    if s == 0 or (b - a) * s < 0:
+    if s == 0 or (b - a) * s < 0 or not math.isfinite((b - a) / s):
         raise ValueError
     n = int((b - a) / s + 1e-9) + 1
+    if n > room:
+        raise OverflowError
     return [a + s * i if convert is int else round(a + s * i, 10) for i in range(n)]
 
 
@@ -227,6 +248,8 @@ def _sizes(name: str, texts: list[str]) -> list[tuple[int, int]]:
         out.append((int(m.group(1)), int(m.group(2))))
     return out
 
+
+MAX_AXIS_VALUES = 100
 
 _PARSERS: Mapping[str, Callable[[str, list[str]], list[Any]]] = MappingProxyType({
     "int": _numbers(int), "float": _numbers(float), "str": _strings, "prompt_sr": _strings, "size": _sizes})

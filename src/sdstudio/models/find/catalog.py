@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdstudio.errors import ModelError
+from sdstudio.models.find.names import check_inside, leaf
 from sdstudio.settings import Settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -113,24 +114,33 @@ def _hf_cache_models(cache: Path | None) -> Iterator[ModelRef]:
 
 
 def resolve(name_or_path: str, folders: ModelFolders | Sequence[Path],
-            hash_of: dict[str, str] | None = None) -> ModelRef:
-    """A path, a name, an A1111 title "name [hash]", or a short hash (matched in `hash_of`: path -> hash)."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return _check(ModelRef(model_name(path), path))
+            hash_of: dict[str, str] | None = None, names_only: bool = False) -> ModelRef:
+    """A path, a name, an A1111 title "name [hash]", or a short hash (matched in `hash_of`: path -> hash).
+    names_only (the server): never a path; a name by its last component, found inside the folders (names.py)."""
+    if not names_only:
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return _check(ModelRef(model_name(path), path))
     text = name_or_path.strip()
     title = _TITLE.match(text)
     known = scan(folders)
     wanted = (title["name"] if title else text).lower()
-    for ref in known:
-        if wanted in (ref.name.lower(), ref.path.name.lower()):
-            return _check(ref)
+    wanted = leaf(wanted) if names_only else wanted
+    found = next((ref for ref in known if wanted in (ref.name.lower(), ref.path.name.lower())), None)
     digest = (title["hash"] if title else text).lower()
-    if hash_of and re.fullmatch(r"[0-9a-f]{8,64}", digest):
-        for ref in known:
-            if hash_of.get(str(ref.path.resolve()), "").startswith(digest):
-                return _check(ref)
-    raise ModelError(unknown_message(name_or_path, known))
+    if found is None and hash_of and re.fullmatch(r"[0-9a-f]{8,64}", digest):
+        found = next((ref for ref in known if hash_of.get(str(ref.path.resolve()), "").startswith(digest)), None)
+    if found is None:
+        raise ModelError(unknown_message(name_or_path, known))
+    if names_only:
+        check_inside(found.path, _roots(folders))
+    return _check(found)
+
+
+def _roots(folders: ModelFolders | Sequence[Path]) -> list[Path]:
+    if isinstance(folders, ModelFolders):
+        return [p for _, p in folders.checkpoints] + ([folders.hf_cache] if folders.hf_cache else [])
+    return list(folders)
 
 
 def unknown_message(name: str, known: list[ModelRef]) -> str:

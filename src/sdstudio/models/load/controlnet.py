@@ -21,7 +21,9 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef, unknown_message
 from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.find.names import check_inside, leaf
 from sdstudio.models.load.checkpoint_io import read_state_dict
+from sdstudio.models.load.memory import realign
 from sdstudio.models.load.parts import build_module
 
 log = logging.getLogger(__name__)
@@ -44,16 +46,18 @@ def available(folders: Sequence[Path]) -> list[Path]:
     return found
 
 
-def find_controlnet(wanted: str, folders: Sequence[Path]) -> Path:
-    """A ControlNet by path, or by name (with or without suffix, or A1111's "name [hash]") in `folders`."""
+def find_controlnet(wanted: str, folders: Sequence[Path], names_only: bool = False) -> Path:
+    """A ControlNet by path, or by name (with or without suffix, or A1111's "name [hash]") in `folders`.
+    names_only: never a path (models/find/names.py)."""
     path = Path(wanted).expanduser()
-    if path.is_file() or (path.is_dir() and is_controlnet_folder(path)):
+    if not names_only and (path.is_file() or (path.is_dir() and is_controlnet_folder(path))):
         return path
     key = wanted.split(" [")[0].strip().lower()
+    key = leaf(key) if names_only else key
     candidates = available(folders)
     for p in candidates:
         if key in (p.name.lower(), p.stem.lower()):
-            return p
+            return check_inside(p, folders, "ControlNet") if names_only else p
     refs = [ModelRef(p.stem if p.is_file() else p.name, p) for p in candidates]
     raise RequestError(unknown_message(wanted, refs).replace("unknown model", "unknown ControlNet"), "controlnets")
 
@@ -109,7 +113,7 @@ class ControlNetCache:
             return self._loaded[key]
         model = load_controlnet(path, unet)
         check_fits(model, unet, path)
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = realign(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
         self._loaded[key] = model
         while len(self._loaded) > self.keep:
             self._loaded.popitem(last=False)

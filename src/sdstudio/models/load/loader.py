@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash
-from sdstudio.models.load.memory import module_bytes, place
+from sdstudio.models.load.memory import module_bytes, place, realign
 from sdstudio.models.load.parts import LoadOptions, load_folder
 from sdstudio.models.load.single_file import load_single_file
 from sdstudio.models.load.speed import apply_speed
@@ -39,6 +39,7 @@ class LoadedModel:
     dtype: torch.dtype
     options: dict[str, Any] = field(default_factory=dict)  # model_index flags (force_zeros_for_empty_prompt...)
     offload: str = "none"  # the offload mode in effect (models/load/memory.py)
+    per_image: bool = False  # the loop calls the UNet image by image: batch-invariant (engine/sd/rows.py)
     memo: dict[str, Any] = field(default_factory=dict)  # derived data computed once per model
 
     @property
@@ -99,11 +100,14 @@ def load_model(ref: ModelRef, options: LoadOptions, hashes: HashCache,
         dtype = vae_dtype(parts.vae, options.dtype) if module is parts.vae else options.dtype
         if next(module.parameters()).dtype != dtype:
             module.to(dtype=dtype)
-        module.eval().requires_grad_(False)
+        realign(module.eval().requires_grad_(False))
     apply_speed(parts.unet, parts.vae, options.speed)
     offload = place(modules, options.device, options.offload)
+    invariant = options.speed.batch_invariant
+    per_image = invariant == "on" or (invariant == "auto" and options.device.type == "cpu")
     return LoadedModel(ref, hashes.model_sha256(ref.path), parts.family, parts.text, parts.unet, parts.vae,
-                       parts.scheduler_config, options.device, options.dtype, parts.options, offload)
+                       parts.scheduler_config, options.device, options.dtype, parts.options, offload,
+                       per_image=per_image)
 
 
 def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:

@@ -23,6 +23,22 @@ OffloadMode = Literal["none", "model", "sequential"]
 OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
 
 
+ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives every fresh tensor
+
+
+def realign(module: torch.nn.Module) -> torch.nn.Module:
+    """Give each weight that sits at an odd address inside a loaded file's buffer (safetensors memory maps,
+    converted single files) storage of its own. CPU kernels vectorise differently by address (a scalar
+    prologue until the first aligned element), so the same weights at other offsets sum in another order and
+    differ in the last bits on some CPUs (AVX-512 without AMX): aligned, a folder and the same model as a
+    single file compute identically."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % ALIGNMENT:
+                tensor.data = tensor.data.clone()
+    return module
+
+
 def place(modules: Sequence[torch.nn.Module], device: torch.device, mode: str) -> str:
     """Put `modules` (in execution order: text encoders, UNet, VAE) on `device` per `mode`; returns the
     mode actually used."""

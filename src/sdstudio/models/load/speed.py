@@ -28,8 +28,11 @@ class SpeedOptions:
     channels_last: bool = True
     compile: str = "none"
     compile_mode: str = "default"
+    batch_invariant: str = "auto"  # auto (on CPU) | on | off: the UNet image by image (engine/sd/rows.py)
 
     def __post_init__(self) -> None:
+        if self.batch_invariant not in ("auto", "on", "off"):
+            raise ValueError(f"batch_invariant must be auto, on or off, got {self.batch_invariant!r}")
         if self.compile not in COMPILE_TARGETS:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_TARGETS)}, got {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:

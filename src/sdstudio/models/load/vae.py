@@ -21,9 +21,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef, unknown_message
 from sdstudio.models.find.hashing import HashCache, short_hash
+from sdstudio.models.find.names import check_inside, leaf
 from sdstudio.models.load.checkpoint_io import read_state_dict
 from sdstudio.models.load.loader import LoadedModel
-from sdstudio.models.load.memory import place
+from sdstudio.models.load.memory import place, realign
 from sdstudio.models.load.parts import build_module
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,19 @@ class VaeChoice:
     vae: AutoencoderKL
 
 
-def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path]) -> Path | None:
-    """The VAE file a request asks for, or None for the model's own."""
+def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path], names_only: bool = False) -> Path | None:
+    """The VAE file a request asks for, or None for the model's own. names_only: never a path
+    (models/find/names.py)."""
     key = (wanted or "auto").strip()
     if key.lower() in OWN:
         return _beside(model) if key.lower() in ("auto", "automatic", "") else None
-    path = Path(key).expanduser()
-    if path.is_file():
+    if not names_only and (path := Path(key).expanduser()).is_file():
         return path
+    key = leaf(key) if names_only else key
     files = vae_files(folders)
     for p in files:
         if key.lower() in (p.name.lower(), p.stem.lower()):
-            return p
+            return check_inside(p, folders, "VAE") if names_only else p
     beside = _beside(model)
     if beside is not None and key.lower() == beside.name.lower():  # an automatic choice, read back from infotext
         return beside
@@ -83,7 +85,7 @@ def load_vae_file(path: Path, like: AutoencoderKL) -> AutoencoderKL:
                     for k, v in state_dict.items()}
         state_dict = convert_ldm_vae_checkpoint(prefixed, dict(like.config))
     vae = build_module(lambda: AutoencoderKL.from_config(like.config), state_dict, f"VAE {path.name}")
-    return vae.to(like.dtype).eval().requires_grad_(False)
+    return realign(vae.to(like.dtype).eval().requires_grad_(False))
 
 
 class VaeCache:
