@@ -111,10 +111,12 @@ def test_train_commands_write_data_and_name_bad_files(workdir):
     assert sorted(p.name for p in (workdir / "data").iterdir()) == [
         "000000.png", "000000.txt", "000001.png", "000001.txt", "000002.png", "000002.txt"]
     (workdir / "data" / "000002.txt").unlink()
-    proc = run(["train", "model", "data", "out", "--vae", "nowhere"], workdir, workdir / "home")
+    proc = run(["train", "model", "data", "out", "--vae", "demo"], workdir, workdir / "home")
     assert proc.returncode == 2
     assert "error: missing caption for" in proc.stderr and "000002.png" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = run(["train", "model", "data", "out", "--vae", "nowhere"], workdir, workdir / "home")
+    assert proc.returncode == 2 and "error: unknown model 'nowhere'" in proc.stderr and "demo" in proc.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

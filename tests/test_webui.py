@@ -182,6 +182,31 @@ def test_cancel_a_running_job(page, server):
     assert request["prompt"] == "a blue triangle on a red background"
 
 
+def test_generate_while_a_job_runs_queues_and_interrupt_keeps_finished_images(page, server):
+    """Generate is never blocked by a running job: the next one joins the queue and runs after it. Interrupt
+    stops the running job and keeps the images it finished (A1111's Interrupt), then the queued job runs."""
+    fill_basics(page, "a red circle on a blue background", seed=3, steps=60)
+    page.fill("#n_iter", "30")
+    page.click("#generate")
+    page.wait_for_function("() => /\\d+%/.test(document.querySelector('#progress-text').textContent) &&"
+                           " !document.querySelector('#interrupt').disabled", timeout=60_000)
+    fill_basics(page, "a green square on a yellow background", seed=8, steps=4)
+    page.fill("#n_iter", "1")
+    assert page.is_enabled("#generate")
+    page.click("#generate")
+    sync_api.expect(page.locator("#queued")).to_have_text("+1 queued")
+    page.wait_for_timeout(1500)  # let the running job finish an image or two
+    page.click("#interrupt")
+    page.wait_for_function("() => document.querySelector('#queued').textContent === ''", timeout=60_000)
+    jobs = page.request.get(f"{server}/api/v1/jobs?q=red%20circle").json()["jobs"]
+    interrupted = next(j for j in jobs if j["prompt"] == "a red circle on a blue background")
+    assert interrupted["status"] == "done" and 1 <= len(interrupted["result"]["images"]) < 30
+    page.wait_for_function("() => !document.querySelector('#result-main').hidden && "
+                           "document.querySelector('#infotext').textContent.includes('a green square')",
+                           timeout=60_000)
+    assert page.is_disabled("#interrupt") and page.is_enabled("#generate")
+
+
 def test_rerun_from_history_gives_the_same_image(page):
     fill_basics(page, "a yellow star on a green background", seed=21, steps=6)
     page.click("#generate")

@@ -16,7 +16,8 @@ export class Studio {
     this.viewer = viewer;
     this.mode = "txt2img";
     this.initImage = null;   // base64 PNG of the picture to work on
-    this.jobId = null;       // the running job
+    this.jobId = null;       // the job being followed
+    this.pending = [];       // jobs this form queued behind it, followed in turn
     this.results = [];       // {url, infotext, seed, jobId, index}
     this.selected = 0;
     this.form = $("#gen-form");
@@ -29,6 +30,8 @@ export class Studio {
   bind() {
     this.form.addEventListener("submit", (e) => { e.preventDefault(); this.run(); });
     $("#cancel").addEventListener("click", () => this.cancel());
+    $("#interrupt").addEventListener("click", () => this.interrupt("interrupt"));
+    $("#skip").addEventListener("click", () => this.interrupt("skip"));
     for (const button of document.querySelectorAll(".modes button")) {
       button.addEventListener("click", () => this.setMode(button.dataset.mode));
     }
@@ -118,8 +121,9 @@ export class Studio {
     return fields;
   }
 
+  // Submit the form as a job. While one is being followed, the new one joins the server's queue and is
+  // followed when its turn comes (A1111 users press Generate again to queue).
   async run() {
-    if (this.jobId) return;  // one job at a time from this form; the queue view shows the rest
     clearErrors(this.form);
     try {
       if (this.mode === "upscale") return await this.upscale();
@@ -127,10 +131,20 @@ export class Studio {
       const job = this.mode === "outpaint"
         ? await api.post("/api/v1/outpaint", { request, ...this.outpaintSides() })
         : await api.post("/api/v1/jobs", { request });
+      if (this.jobId) {
+        this.pending.push(job.id);
+        this.queued();
+        return;
+      }
       await this.follow(job.id);
+      while (this.pending.length) await this.follow(this.pending.shift());
     } catch (e) {
       this.error(e);
     }
+  }
+
+  queued() {
+    $("#queued").textContent = this.pending.length ? `+${this.pending.length} queued` : "";
   }
 
   outpaintSides() {
@@ -164,8 +178,9 @@ export class Studio {
 
   busy(on, jobId) {
     this.jobId = jobId;
-    $("#generate").disabled = on;
-    $("#cancel").disabled = !on || !jobId;
+    this.queued();
+    $("#generate").disabled = on && !jobId;  // a queued job can always be added; a synchronous upscale cannot
+    for (const id of ["#cancel", "#interrupt", "#skip"]) $(id).disabled = !on || !jobId;
     $("#progress").hidden = !on;
     if (!on) {
       $("#preview").hidden = true;
@@ -194,6 +209,16 @@ export class Studio {
   async cancel() {
     if (!this.jobId) return;
     await api.post(`/api/v1/jobs/${this.jobId}/cancel`);
+  }
+
+  // Interrupt keeps what is finished (the job ends done with those images); skip ends the current batch only.
+  async interrupt(how) {
+    if (!this.jobId) return;
+    try {
+      await api.post(`/api/v1/jobs/${this.jobId}/interrupt?how=${how}`);
+    } catch (e) {
+      this.error(e);  // e.g. still queued: nothing to interrupt yet
+    }
   }
 
   finish(view) {
