@@ -223,23 +223,40 @@ def test_rerun_from_history_gives_the_same_image(page):
     assert (result_pixels(page) == first).all()
 
 
-def test_drop_a1111_png_loads_its_parameters(page):
-    text = "a cat in a hat\nNegative prompt: ugly\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 42, Size: 64x64"
-    file = png_file(Image.new("RGB", (64, 64), (90, 90, 90)), {"parameters": text})
+def drop_on_png_info(page, buffer: bytes, name: str) -> None:
     page.click(".tabs button[data-view=pnginfo]")
     page.evaluate("""([bytes, name]) => {
         const data = new DataTransfer();
         data.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
         document.querySelector("#png-drop").dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
-    }""", [list(file["buffer"]), file["name"]])
-    page.wait_for_function("() => !document.querySelector('#png-load').disabled")
+    }""", [list(buffer), name])
+
+
+def test_drop_a1111_png_loads_its_parameters(page):
+    text = "a cat in a hat\nNegative prompt: ugly\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 42, Size: 64x64"
+    file = png_file(Image.new("RGB", (64, 64), (90, 90, 90)), {"parameters": text})
+    drop_on_png_info(page, file["buffer"], file["name"])
+    page.wait_for_function("() => !document.querySelector('#png-send [data-send=txt2img]').disabled")
     assert "Steps: 12" in page.inner_text("#png-text")
-    page.click("#png-load")
+    table = page.inner_text("#png-fields")
+    assert "Cfg scale" in table and "null" not in table and "aesthetic" not in table  # readable, no noise
+    page.click("#png-send [data-send=txt2img]")
     assert page.input_value("#prompt") == "a cat in a hat"
     assert page.input_value("#negative_prompt") == "ugly"
     assert page.input_value("#steps") == "12" and page.input_value("#seed") == "42"
     assert page.input_value("#sampler") == "Euler a" and page.input_value("#cfg_scale") == "5"
     assert page.input_value("#width") == "64"
+    drop_on_png_info(page, file["buffer"], file["name"])
+    page.wait_for_function("() => !document.querySelector('#png-send [data-send=img2img]').disabled")
+    page.click("#png-send [data-send=img2img]")  # the parameters and the picture itself
+    assert page.locator(".modes button[data-mode=img2img]").get_attribute("class") == "active"
+    assert page.locator("#init-preview").get_attribute("src").startswith("data:image/png")
+
+
+def test_png_info_says_plainly_when_a_file_is_not_a_picture(page):
+    drop_on_png_info(page, b"just some text", "notes.txt")
+    page.wait_for_function("() => document.querySelector('#view-pnginfo .field-error:not([hidden])')")
+    assert "notes.txt is not a picture sdstudio can read" in page.inner_text("#view-pnginfo")
 
 
 def test_phone_width_has_no_sideways_scroll(browser, server):
@@ -312,3 +329,67 @@ def test_xyz_plot_and_denoising_capture(page):
     width, height = Image.open(io.BytesIO(grid)).size
     assert width > 2 * 64 and height > 2 * 64  # two columns and two rows of 64 px images, plus labels
     shot(page, "xyz")
+
+
+def test_the_form_survives_a_reload_and_restore_last_brings_back_the_last_generation(page):
+    fill_basics(page, "a yellow star on a purple background", seed=12, steps=3)
+    page.select_option("#sampler", "Euler a")
+    page.click("#generate")
+    page.wait_for_function("() => !document.querySelector('#result-main').hidden", timeout=60_000)
+    page.fill("#prompt", "an unfinished thought")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#prompt") == "an unfinished thought"  # as left, not as generated
+    assert page.input_value("#sampler") == "Euler a" and page.input_value("#seed") == "12"
+    page.click("#restore-last")
+    assert page.input_value("#prompt") == "a yellow star on a purple background"
+
+
+def test_at_phone_width_generate_brings_the_progress_and_result_into_view(browser, server):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, base_url=server)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    fill_basics(page, "a red circle on a blue background", seed=2, steps=40)
+    page.click("#generate")
+    page.wait_for_function("() => !document.querySelector('#progress').hidden", timeout=60_000)
+    box = page.locator("#progress").bounding_box()
+    assert box is not None and 0 <= box["y"] < 844, box  # on screen, not ~1000 px below the form
+    page.wait_for_function("() => !document.querySelector('#result-main').hidden", timeout=120_000)
+    shot(page, "phone-generate")
+    context.close()
+
+
+def test_the_lightbox_fits_small_images_steps_through_the_batch_and_closes_on_escape(page):
+    fill_basics(page, "a red circle on a blue background", seed=21, steps=3)
+    page.fill("#batch_size", "2")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery img').length === 2", timeout=60_000)
+    page.click("#result-main")
+    image = page.locator("#viewer-image")
+    assert image.bounding_box()["height"] > 300  # a 64x64 image fitted to the screen, not shown at 64 px
+    first = image.get_attribute("src")
+    sync_api.expect(page.locator("#viewer-count")).to_have_text("1 / 2")
+    page.keyboard.press("ArrowRight")
+    sync_api.expect(page.locator("#viewer-count")).to_have_text("2 / 2")
+    assert image.get_attribute("src") != first
+    image.click()
+    assert image.bounding_box()["height"] == 128  # zoomed: twice the natural size
+    page.keyboard.press("Escape")
+    assert not page.locator("#viewer").is_visible()
+
+
+def test_ctrl_up_weights_the_word_at_the_cursor_and_the_counter_counts_tokens(page):
+    page.fill("#prompt", "a red circle")
+    sync_api.expect(page.locator("#prompt-tokens")).to_have_text("3/75")
+    page.focus("#prompt")
+    page.evaluate("() => document.querySelector('#prompt').setSelectionRange(3, 3)")  # inside "red"
+    page.keyboard.press("Control+ArrowUp")
+    assert page.input_value("#prompt") == "a (red:1.1) circle"
+    page.keyboard.press("Control+ArrowUp")
+    assert page.input_value("#prompt") == "a (red:1.2) circle"
+    page.keyboard.press("Control+ArrowDown")
+    page.keyboard.press("Control+ArrowDown")
+    assert page.input_value("#prompt") == "a red circle"
+    page.fill("#prompt", "word " * 80)
+    sync_api.expect(page.locator("#prompt-tokens")).to_have_text("80/150")  # two windows

@@ -19,7 +19,7 @@ def explain(prompt: Annotated[str, typer.Argument(help="A prompt in A1111 syntax
             = False) -> None:
     """Print the sub-prompts (AND), the schedule (prompt editing, alternation), the weights and the windows."""
     from sdstudio.models.load.configs import config_dir, load_tokenizer
-    from sdstudio.prompts.encode import prompt_chunks
+    from sdstudio.prompts.encode import tokens_per_window
     from sdstudio.prompts.grammar import explain as explain_prompt
     from sdstudio.prompts.grammar import parse
 
@@ -31,7 +31,6 @@ def explain(prompt: Annotated[str, typer.Argument(help="A prompt in A1111 syntax
     tokenizer = load_tokenizer(config_dir("sd1") / "tokenizer")
     for i, sub in enumerate(explanation.subprompts):
         for step in sub.steps:
-            windows = prompt_chunks(step.text, tokenizer)
-            used = [sum(1 for t in w.tokens[1:-1] if t != tokenizer.pad_token_id) for w in windows]
-            typer.echo(f"sub-prompt {i + 1}, steps ..{step.end_step}: {len(windows)} window(s) of 75 tokens, "
+            used = tokens_per_window(step.text, tokenizer)
+            typer.echo(f"sub-prompt {i + 1}, steps ..{step.end_step}: {len(used)} window(s) of 75 tokens, "
                        f"tokens used {used}")

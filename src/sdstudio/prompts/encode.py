@@ -110,3 +110,8 @@ def prompt_chunks(prompt: str, tok: CLIPTokenizer, syntax: str = "a1111") -> lis
     comma = tok.convert_tokens_to_ids(",</w>")
     ids = TokenIds(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, comma if comma != tok.unk_token_id else None)
     return chunk_tokens(marked, ids)
+
+
+def tokens_per_window(prompt: str, tok: CLIPTokenizer) -> list[int]:
+    """Tokens each 75-token window of a flat A1111 prompt holds (what A1111's counter shows as 12/75)."""
+    return [sum(1 for t in w.tokens[1:-1] if t != tok.pad_token_id) for w in prompt_chunks(prompt, tok)]

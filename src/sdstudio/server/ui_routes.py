@@ -6,6 +6,7 @@ outside the server. It talks only to the public HTTP API, like any other client.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,18 @@ from pydantic import BaseModel, Field
 from sdstudio.engine.validate import check_types
 from sdstudio.engine.workflows.outpaint import PREFILLS, Extension, outpaint_request
 from sdstudio.errors import RequestError
+from sdstudio.models.load.configs import config_dir, load_tokenizer
+from sdstudio.prompts.encode import tokens_per_window
+from sdstudio.prompts.grammar import explain, parse
 from sdstudio.server.payload import decode_request, encode_request
 from sdstudio.server.state import ServerState, job_view
 
 WEBUI = Path(__file__).resolve().parent.parent / "webui"
+
+
+class TokensBody(BaseModel):
+    prompt: str = Field(max_length=20_000)
+    negative: bool = Field(default=False, description="read as a negative prompt (no AND, no <lora:...>)")
 
 
 class OutpaintBody(BaseModel):
@@ -43,6 +52,17 @@ def add_ui_routes(app: FastAPI, state: ServerState) -> None:
         return FileResponse(WEBUI / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/ui", StaticFiles(directory=WEBUI), name="webui")
+
+    tokenizer = functools.cache(lambda: load_tokenizer(config_dir("sd1") / "tokenizer"))
+
+    @app.post("/api/v1/tokens")
+    def tokens(body: TokensBody) -> dict[str, Any]:
+        """The prompt's tokens per 75-token window, as A1111's counter shows them (the longest AND part, at
+        the first step); a syntax error is a 422 pointing at its column."""
+        parsed = explain(parse(body.prompt, negative=body.negative), 1)
+        windows = max((tokens_per_window(sub.steps[0].text, tokenizer()) for sub in parsed.subprompts if sub.steps),
+                      key=len, default=[0])
+        return {"windows": windows, "tokens": sum(windows), "capacity": 75 * len(windows)}
 
     @app.post("/api/v1/outpaint", status_code=202)
     def outpaint(body: OutpaintBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 // Boot: read the catalog, fill the pickers, wire the views. Ctrl+Enter generates (or runs the plot on its page).
 import * as api from "./api.js";
-import { $, $$, fillSelect, showError } from "./dom.js";
+import { $, $$, clearErrors, fillSelect, showError } from "./dom.js";
 import { Studio } from "./generate.js";
 import { History, watchQueue } from "./history.js";
 import { PngInfo } from "./pnginfo.js";
+import { bindPromptBox } from "./prompt.js";
 import { Settings, loadPrefs } from "./settings.js";
 import { Viewer } from "./viewer.js";
 import { XYZ } from "./xyz.js";
@@ -57,6 +58,7 @@ async function main() {
   const studio = new Studio(catalog, prefs, viewer);
   const settings = new Settings(prefs, catalog);
   const showView = (name) => {
+    clearErrors(document);  // an error belongs to the view it was made in
     for (const b of $$(".tabs button")) b.classList.toggle("active", b.dataset.view === name);
     for (const v of $$(".view")) v.classList.toggle("active", v.id === `view-${name}`);
     if (name === "history") history.refresh();
@@ -74,6 +76,9 @@ async function main() {
   });
   watchQueue($("#queue"), history);
   await applyServerDefaults(catalog);
+  studio.restoreForm();
+  bindPromptBox("prompt", false);
+  bindPromptBox("negative_prompt", true);
   document.body.dataset.ready = "true";  // the page is wired (browser tests wait for this)
 }
 

@@ -2,8 +2,24 @@
 import * as api from "./api.js";
 import { ControlUnits } from "./control.js";
 import { $, clearErrors, el, formatSeconds, showError } from "./dom.js";
-import { applyAspect, readFields, setMode, writeFields } from "./form.js";
+import { MODES, applyAspect, readFields, setMode, writeFields } from "./form.js";
 import { MaskEditor } from "./mask.js";
+
+const FORM_KEY = "sdstudio.form";  // the form as last edited, restored on reload (pictures left out)
+const LAST_KEY = "sdstudio.last";  // the last request submitted, for "Restore last"
+
+function store(key, value) {
+  try { localStorage.setItem(key, JSON.stringify(value)); } catch { /* private mode or full: not kept */ }
+}
+
+function stored(key) {
+  try { return JSON.parse(localStorage.getItem(key) || "null"); } catch { return null; }
+}
+
+const withoutPictures = (fields) => {
+  const { init_image, mask, controlnets, ...rest } = fields;
+  return rest;
+};
 
 class FieldError extends Error {
   constructor(field, message) { super(message); this.field = field; }
@@ -29,6 +45,11 @@ export class Studio {
 
   bind() {
     this.form.addEventListener("submit", (e) => { e.preventDefault(); this.run(); });
+    for (const kind of ["input", "change"]) this.form.addEventListener(kind, () => this.saveForm());
+    $("#restore-last").addEventListener("click", () => {
+      const last = stored(LAST_KEY);
+      if (last) { writeFields(last.fields); this.setMode(last.mode); this.saveForm(); }
+    });
     $("#cancel").addEventListener("click", () => this.cancel());
     $("#interrupt").addEventListener("click", () => this.interrupt("interrupt"));
     $("#skip").addEventListener("click", () => this.interrupt("skip"));
@@ -50,7 +71,8 @@ export class Studio {
     $("#mask-invert").addEventListener("click", () => this.mask.invert());
     $("#mask-clear").addEventListener("click", () => this.mask.clear());
     $("#control-add").addEventListener("click", () => this.controls.add());
-    $("#result-main").addEventListener("click", () => this.viewer.open(this.results[this.selected]));
+    $("#result-main").addEventListener("click", () => this.viewer.open(this.results[this.selected], false,
+                                                                       this.results));
     $("#send-img2img").addEventListener("click", () => this.sendTo("img2img"));
     $("#send-inpaint").addEventListener("click", () => this.sendTo("inpaint"));
     $("#rerun").addEventListener("click", () => this.rerun(this.results[this.selected]));
@@ -78,6 +100,20 @@ export class Studio {
   setMode(mode) {
     this.mode = mode;
     setMode(mode);
+    this.saveForm();
+  }
+
+  saveForm() {
+    store(FORM_KEY, { mode: this.mode, fields: withoutPictures(readFields(this.mode)) });
+  }
+
+  // After the server's defaults are applied: the form as the user left it before the reload.
+  restoreForm() {
+    const saved = stored(FORM_KEY);
+    if (!saved || !saved.fields) return;
+    writeFields(saved.fields);
+    if (MODES.includes(saved.mode)) { this.mode = saved.mode; setMode(saved.mode); }
+    $("#restore-last").disabled = !stored(LAST_KEY);
   }
 
   bindImageInput() {
@@ -128,6 +164,8 @@ export class Studio {
     try {
       if (this.mode === "upscale") return await this.upscale();
       const request = this.request();
+      store(LAST_KEY, { mode: this.mode, fields: withoutPictures(request) });
+      $("#restore-last").disabled = false;
       const job = this.mode === "outpaint"
         ? await api.post("/api/v1/outpaint", { request, ...this.outpaintSides() })
         : await api.post("/api/v1/jobs", { request });
@@ -179,6 +217,10 @@ export class Studio {
   busy(on, jobId) {
     this.jobId = jobId;
     this.queued();
+    if (on && $("#view-generate .output").getBoundingClientRect().top > innerHeight) {
+      $("#progress").hidden = false;
+      $("#view-generate .output").scrollIntoView({ block: "start" });  // narrow screens: the output is below the form
+    }
     $("#generate").disabled = on && !jobId;  // a queued job can always be added; a synchronous upscale cannot
     for (const id of ["#cancel", "#interrupt", "#skip"]) $(id).disabled = !on || !jobId;
     $("#progress").hidden = !on;

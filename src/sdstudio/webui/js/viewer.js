@@ -7,19 +7,55 @@ export class Viewer {
     this.dialog = $("#viewer");
     this.frames = [];
     this.timer = null;
+    this.list = [];    // the batch the shown result belongs to: arrows step through it
+    this.index = 0;
+    $("#viewer-prev").addEventListener("click", () => this.step(-1));
+    $("#viewer-next").addEventListener("click", () => this.step(1));
+    $("#viewer-image").addEventListener("click", () => this.zoom());
+    this.dialog.addEventListener("keydown", (e) => {
+      if (e.key === "ArrowLeft") this.step(-1);
+      if (e.key === "ArrowRight") this.step(1);
+    });
     $("#capture-step").addEventListener("input", (e) => this.showFrame(Number(e.target.value)));
     $("#capture-play").addEventListener("click", () => this.play());
     this.dialog.addEventListener("close", () => this.stop());
   }
 
-  async open(result, withCapture = false) {
+  // Show `result` (from `list`, its batch, when given) fitted to the screen; Esc closes (a <dialog>).
+  async open(result, withCapture = false, list = null) {
     if (!result) return;
-    $("#viewer-image").src = result.url;
+    this.list = list && list.includes(result) ? list : [result];
+    this.index = this.list.indexOf(result);
+    this.show();
     $("#viewer-image").hidden = withCapture;
-    $("#viewer-info").textContent = result.infotext || "";
     $("#capture").hidden = true;
-    this.dialog.showModal();
+    if (!this.dialog.open) this.dialog.showModal();
     if (withCapture) await this.loadCapture(result);
+  }
+
+  show() {
+    const result = this.list[this.index];
+    const image = $("#viewer-image");
+    image.classList.remove("zoomed");
+    image.style.height = "";
+    image.src = result.url;
+    $("#viewer-info").textContent = result.infotext || "";
+    const many = this.list.length > 1;
+    $("#viewer-count").textContent = many ? `${this.index + 1} / ${this.list.length}` : "";
+    for (const id of ["#viewer-prev", "#viewer-next"]) $(id).hidden = !many;
+  }
+
+  step(by) {
+    if (this.list.length < 2) return;
+    this.index = (this.index + by + this.list.length) % this.list.length;
+    this.show();
+  }
+
+  // Fitted <-> twice the natural size (the stage scrolls).
+  zoom() {
+    const image = $("#viewer-image");
+    const zoomed = image.classList.toggle("zoomed");
+    image.style.height = zoomed ? `${image.naturalHeight * 2}px` : "";
   }
 
   async loadCapture(result) {
