@@ -196,3 +196,15 @@ def test_ctrl_c_keeps_the_finished_images_as_a1111s_interrupt(workdir):
     assert proc.returncode == 0, errors
     assert 1 <= len(saved) < 50 and all((workdir / p).is_file() for p in saved)
     assert "interrupting" in errors
+
+
+def test_rerunning_someone_elses_image_lists_everything_missing_at_once(workdir):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat <lora:nosuch:0.8>\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 42, "
+                                "Size: 64x64, Model hash: 0123456789, Model: juggernaut_xl")
+    Image.new("RGB", (64, 64)).save(workdir / "theirs.png", pnginfo=info)
+    proc = run(["txt2img", "--from-image", "theirs.png"], workdir, workdir / "home")
+    assert proc.returncode == 2 and "2 things this request names are missing" in proc.stderr
+    assert "unknown LoRA 'nosuch'" in proc.stderr and "unknown model 'juggernaut_xl'" in proc.stderr

@@ -328,6 +328,12 @@ def test_xyz_plot_and_denoising_capture(page):
     grid = page.request.get(page.get_attribute("#xyz-grid", "src")).body()
     width, height = Image.open(io.BytesIO(grid)).size
     assert width > 2 * 64 and height > 2 * 64  # two columns and two rows of 64 px images, plus labels
+    cells = page.locator("#xyz-cells img")
+    assert cells.count() == 4 and page.inner_text("#xyz-cells tr:first-child").count("cfg") == 2  # labelled
+    assert cells.first.bounding_box()["width"] >= 150  # readable, not 64 px
+    cells.nth(3).click()  # a cell opens in the lightbox, with the others a step away
+    sync_api.expect(page.locator("#viewer-count")).to_have_text("4 / 4")
+    page.keyboard.press("Escape")
     shot(page, "xyz")
 
 
@@ -393,3 +399,16 @@ def test_ctrl_up_weights_the_word_at_the_cursor_and_the_counter_counts_tokens(pa
     assert page.input_value("#prompt") == "a red circle"
     page.fill("#prompt", "word " * 80)
     sync_api.expect(page.locator("#prompt-tokens")).to_have_text("80/150")  # two windows
+
+
+def test_the_light_theme_applies_at_once_and_server_settings_say_they_are_unsaved(page):
+    page.click(".tabs button[data-view=settings]")
+    page.wait_for_function("() => document.querySelector('#set-model').options.length > 0")
+    page.check("#set-light")
+    assert page.evaluate("() => document.documentElement.classList.contains('light')")  # no Save needed
+    page.fill("#set-clip", "2")
+    page.dispatch_event("#set-clip", "change")
+    sync_api.expect(page.locator("#settings-saved")).to_have_text("unsaved changes")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.evaluate("() => document.documentElement.classList.contains('light')")  # kept

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sdstudio import __version__
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
@@ -20,7 +22,7 @@ from sdstudio.engine.sd.hires_job import HiresJob
 from sdstudio.engine.sd.job import Job
 from sdstudio.engine.sd.stages import set_vae_tiling
 from sdstudio.engine.validate import ModelGeometry, check_fields, check_multiple, resolve_request
-from sdstudio.errors import RequestError
+from sdstudio.errors import ModelError, RequestError, SdStudioError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.load.controlnet import ControlNetCache, find_controlnet
 from sdstudio.models.load.loader import LoadedModel, ModelManager
@@ -32,7 +34,35 @@ from sdstudio.settings import Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SD_LATENT_FACTOR = 8  # pixels per latent cell, every SD1/SD2/SDXL VAE
+
+
+class MissingNames:
+    """Collects the "unknown ..." errors of the names a request gives (model, VAE, LoRAs, ControlNets), so that
+    a re-run of someone else's image lists everything missing at once instead of one per try."""
+
+    def __init__(self) -> None:
+        self.errors: list[SdStudioError] = []
+
+    def check(self, resolve: Callable[[], T]) -> T | None:
+        try:
+            return resolve()
+        except (ModelError, RequestError) as e:
+            if not str(e).startswith("unknown "):
+                raise
+            self.errors.append(e)
+            return None
+
+    def raise_all(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            kind = ModelError if any(isinstance(e, ModelError) for e in self.errors) else RequestError
+            lines = "\n".join(f"- {e}" for e in self.errors)
+            error = kind(f"{len(self.errors)} things this request names are missing:\n{lines}")
+            error.field = getattr(self.errors[0], "field", None)
+            raise error
 
 
 @dataclass
@@ -59,12 +89,13 @@ class SdRunner:
             if getattr(request, name):
                 check_multiple(getattr(request, name), name, SD_LATENT_FACTOR)
         syntax, first = request.prompt_syntax, (request.prompt, request.negative_prompt, request.steps)
-        prompts = self.prompt_schedule(*first, syntax)
-        names_only = self.settings.names_only
-        controls = tuple(find_controlnet(unit.model, self.folders.controlnet, names_only)
+        names_only, missing = self.settings.names_only, MissingNames()
+        prompts = missing.check(lambda: self.prompt_schedule(*first, syntax))  # names its LoRAs
+        controls = tuple(missing.check(lambda u=unit: find_controlnet(u.model, self.folders.controlnet, names_only))
                          for unit in request.controlnets)
-        ref = ref or self.resolve(request.model)  # an unknown name: ModelError, listing close ones
-        vae = find_vae(request.vae, ref, self.folders.vae, names_only)
+        ref = ref or missing.check(lambda: self.resolve(request.model))  # unknown: listing close ones
+        vae = missing.check(lambda: find_vae(request.vae, ref, self.folders.vae, names_only)) if ref else None
+        missing.raise_all()  # every missing model, LoRA, ControlNet and VAE in one message
         hires = None
         if (hr := request.hires) is not None:  # the second pass reads its own prompt over its own steps
             second = (hr.prompt or request.prompt, hr.negative_prompt or request.negative_prompt,

@@ -19,6 +19,18 @@ export class Settings {
     this.prefs = prefs;
     this.catalog = catalog;
     $("#settings-form").addEventListener("submit", (e) => { e.preventDefault(); this.save(); });
+    // this browser's preferences apply and are kept at once; the server's defaults wait for Save
+    for (const id of ["#set-preview", "#set-light"]) $(id).addEventListener("change", () => this.keepPrefs());
+    for (const id of ["#set-model", "#set-vae", "#set-clip"]) {
+      $(id).addEventListener("change", () => { $("#settings-saved").textContent = "unsaved changes"; });
+    }
+  }
+
+  keepPrefs() {
+    this.prefs.preview = $("#set-preview").checked;
+    this.prefs.light = $("#set-light").checked;
+    try { localStorage.setItem(KEY, JSON.stringify(this.prefs)); } catch { /* not kept */ }
+    document.documentElement.classList.toggle("light", this.prefs.light);
   }
 
   async refresh() {
@@ -34,10 +46,7 @@ export class Settings {
   async save() {
     const form = $("#settings-form");
     clearErrors(form);
-    this.prefs.preview = $("#set-preview").checked;
-    this.prefs.light = $("#set-light").checked;
-    localStorage.setItem(KEY, JSON.stringify(this.prefs));
-    document.documentElement.classList.toggle("light", this.prefs.light);
+    this.keepPrefs();
     try {
       await api.post("/sdapi/v1/options", { sd_model_checkpoint: $("#set-model").value, sd_vae: $("#set-vae").value,
         CLIP_stop_at_last_layers: Number($("#set-clip").value) });

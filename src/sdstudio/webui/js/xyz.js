@@ -1,6 +1,6 @@
 // X/Y/Z plot: the Generate form's request varied along up to three axes, run as one queued job (POST /api/v1/xyz).
 import * as api from "./api.js";
-import { $, $$, clearErrors, fillSelect, showError } from "./dom.js";
+import { $, $$, clearErrors, el, fillSelect, showError } from "./dom.js";
 
 export class XYZ {
   constructor(studio, viewer, axes) {
@@ -12,6 +12,29 @@ export class XYZ {
     $$("#view-xyz .axis-name").forEach((select, i) => fillSelect(select, names, defaults[i]));
     $("#xyz-run").addEventListener("click", () => this.run());
     $("#xyz-grid").addEventListener("click", () => this.viewer.open(this.grid));
+  }
+
+  // The first Z slice's cells as a labelled table of images; each opens (with its row) in the lightbox.
+  showCells(job) {
+    const r = job.result, [nx, ny] = r.shape, perCell = (r.images.length - r.grids) / r.shape.reduce((a, b) => a * b);
+    const cell = (i, j) => {
+      const k = r.grids + (j * nx + i) * perCell;
+      return { url: r.images[k], infotext: r.infotexts[k], seed: r.seeds[k], jobId: job.id, index: k };
+    };
+    const all = [];
+    const rows = [el("tr", {}, el("th", {}), ...r.labels.x.map((l) => el("th", {}, l)))];
+    for (let j = 0; j < ny; j++) {
+      const cells = [];
+      for (let i = 0; i < nx; i++) {
+        const c = cell(i, j);
+        all.push(c);
+        cells.push(el("td", {}, el("img", { src: c.url, alt: `${r.labels.x[i] || ""} ${r.labels.y[j] || ""}`,
+          onclick: () => this.viewer.open(c, false, all) })));
+      }
+      rows.push(el("tr", {}, el("th", {}, r.labels.y[j] || ""), ...cells));
+    }
+    $("#xyz-cells").replaceChildren(...rows);
+    $("#xyz-cells").hidden = false;
   }
 
   axis(letter) {
@@ -48,6 +71,7 @@ export class XYZ {
       this.grid = { url: r.images[0], infotext: r.infotexts[0], seed: r.seeds[0], jobId: done.id, index: 0 };
       $("#xyz-grid").src = r.images[0];
       $("#xyz-grid").hidden = false;
+      this.showCells(done);
     } catch (e) {
       showError(view, null, e.message, $("#xyz-error"));
     } finally {
