@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdstudio.storage.results import read_metadata
@@ -152,7 +153,8 @@ def test_serve_says_where_it_is_logs_requests_and_a_second_server_on_its_folder_
     finally:
         server.send_signal(signal.SIGINT)
         out = "".join(lines) + server.communicate(timeout=60)[0]
-    assert f"web UI http://127.0.0.1:{port}/" in out and "data folder (queue, history, images): data" in out
+    assert f"web UI http://127.0.0.1:{port}/" in out and "queue and history: data" in out
+    assert f"images: {workdir / 'outputs'}" in out  # the same outputs folder as the CLI's
     assert '"GET /sdapi/v1/samplers HTTP/1.1" 200' in out and "Shutting down" in out
 
 
@@ -208,3 +210,24 @@ def test_rerunning_someone_elses_image_lists_everything_missing_at_once(workdir)
     proc = run(["txt2img", "--from-image", "theirs.png"], workdir, workdir / "home")
     assert proc.returncode == 2 and "2 things this request names are missing" in proc.stderr
     assert "unknown LoRA 'nosuch'" in proc.stderr and "unknown model 'juggernaut_xl'" in proc.stderr
+
+
+def test_cli_runs_appear_in_the_servers_history_and_both_write_to_one_outputs_folder(workdir):
+    from fastapi.testclient import TestClient
+
+    from sdstudio import Settings
+    from sdstudio.server.app import create_app
+
+    made = run(["txt2img", "a red circle on a blue background", "-m", "tiny", "--steps", "2", "--seed", "5"], workdir,
+               workdir / "home")
+    assert made.returncode == 0, made.stderr
+    path = workdir / made.stdout.split()[0]
+    assert path.parent.parent.parent == workdir / "outputs"  # outputs/txt2img-images/<date>/
+    settings = Settings.from_env(home=workdir / "home", outputs_dir=workdir / "outputs", device=torch.device("cpu"),
+                                 dtype=torch.float32, default_model="tiny")
+    with TestClient(create_app(settings, workdir / "home" / "server", start_worker=False)) as client:
+        jobs = client.get("/api/v1/jobs").json()["jobs"]
+        assert [j["kind"] for j in jobs] == ["cli-txt2img"] and jobs[0]["status"] == "done"
+        image = client.get(jobs[0]["result"]["images"][0])
+        assert image.status_code == 200 and image.content == path.read_bytes()
+        assert client.get(f"/api/v1/jobs/{jobs[0]['id']}/request").json()["seed"] == 5

@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sdstudio.cli.common import GlobalOptions, err, fail, quiet_libraries, settings_from
+from sdstudio.cli.history import record_in_history
 from sdstudio.engine.hooks import CancelToken
 from sdstudio.engine.record import image_fields
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
@@ -115,10 +116,12 @@ def run_request(options: GlobalOptions, request: GenerationRequest, out: Path | 
         result = with_progress(run)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}")
-    for saved in save_result(result, settings.outputs_dir):
+    saved_images = save_result(result, settings.outputs_dir)
+    for saved in saved_images:
         typer.echo(str(saved.path))
         if saved.capture_dir:
             typer.echo(str(saved.capture_dir))
+    record_in_history(settings, result, saved_images)  # the web UI's History lists it
     err.print(f"[dim]{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.2f} s[/dim]")
 
 

@@ -22,8 +22,11 @@ def serve(ctx: typer.Context,
           port: Annotated[int, typer.Option(help="Port (A1111's default).")] = 7860,
           api_auth: Annotated[str | None, typer.Option("--api-auth", help="user:pass[,user2:pass2]: HTTP Basic "
                                                                           "on every route.")] = None,
-          data_dir: Annotated[Path | None, typer.Option(help="Job queue, history and images "
+          data_dir: Annotated[Path | None, typer.Option(help="Job queue and history "
                                                              "(default: ~/.sdstudio/server).")] = None,
+          outputs: Annotated[Path | None, typer.Option(help="Where images are saved, in A1111's "
+                                                            "<mode>-images/<date>/ folders (default: ./outputs, as "
+                                                            "the CLI's).")] = None,
           allow_folder: Annotated[list[Path] | None, typer.Option(
               "--allow-folder", help="Another folder of models requests may name (repeatable); requests name "
                                      "models, never paths.")] = None,
@@ -57,6 +60,8 @@ def serve(ctx: typer.Context,
         fail(str(e))
     if allow_folder:
         settings = dataclasses.replace(settings, models_dirs=(*settings.models_dirs, *allow_folder))
+    if outputs is not None:
+        settings = dataclasses.replace(settings, outputs_dir=outputs)
     quiet_libraries()
     try:
         app = create_app(settings, data_dir or settings.home / "server", auth=parse_auth(api_auth),
@@ -80,7 +85,7 @@ def start_summary(url: str, host: str, data_dir: Path, settings: Settings, auth:
     lines = [f"sdstudio {__version__}: web UI {url}  (A1111 API {url}sdapi/v1, native {url}api/v1, docs {url}docs)"]
     if host in ("0.0.0.0", "::"):
         lines.append(f"  listening on every address, port {url.rsplit(':', 1)[1].rstrip('/')}")
-    lines += [f"  data folder (queue, history, images): {data_dir}",
+    lines += [f"  images: {settings.outputs_dir.resolve()}   queue and history: {data_dir}",
               f"  models: {', '.join(str(p) for p in settings.models_dirs)}",
               f"  auth: {'on (--api-auth)' if auth else 'off'}; device {settings.device}; Ctrl+C stops"]
     return "\n".join(lines)

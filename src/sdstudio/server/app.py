@@ -67,7 +67,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     if recovered:
         log.warning("recovered %d job(s) left running by the last shutdown", len(recovered))
     engine = Engine(settings)
-    images_dir = data_dir / "images"
+    images_dir = settings.outputs_dir.resolve()  # the outputs folder every door writes to (A1111's layout)
     worker = Worker(engine, store, images_dir)
     state = ServerState(settings, engine, store, worker, images_dir, private_roots(settings, data_dir), data_dir)
 

@@ -17,6 +17,7 @@ from sdstudio.storage.jobs import JobRecord
 from sdstudio.storage.queue import JobQueue
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LEGACY_IMAGES = "images"  # where a data folder kept its images before they went to the outputs folder
 
 
 @dataclass
@@ -35,15 +36,22 @@ class ServerState:
         return decode_request(payload, limits.max_upload_pixels, limits.max_controlnet_units)
 
     def image_bytes(self, job_id: str, name: str, index: int) -> bytes:
-        """A stored image's PNG bytes; NotFound naming it when the file is gone or is not a PNG any more."""
-        path = self.images_dir / name
-        try:
-            data = path.read_bytes() if path.resolve().is_relative_to(self.images_dir.resolve()) else b""
-        except OSError:
-            data = b""
-        if not data.startswith(PNG_SIGNATURE):
-            raise NotFound(f"image {index} of job {job_id} is missing or damaged in the data folder")
-        return data
+        """A stored image's PNG bytes; NotFound naming it when the file is gone or is not a PNG any more.
+        `name` is relative to the images folder (or, from a data folder made before images went to the
+        outputs folder, to its images/), or absolute for a CLI run the history recorded (cli/history.py)."""
+        if Path(name).is_absolute():
+            candidates = [Path(name)]
+        else:
+            candidates = [root / name for root in (self.images_dir, self.data_dir / LEGACY_IMAGES)
+                          if (root / name).resolve().is_relative_to(root.resolve())]
+        for path in candidates:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if data.startswith(PNG_SIGNATURE):
+                return data
+        raise NotFound(f"image {index} of job {job_id} is missing or damaged")
 
     def scrub(self, message: str | None) -> str | None:
         if message is None:

@@ -231,6 +231,16 @@ class JobStore:
                    job_id, kind, text, time.time(), idempotency_key, search_text(payload))
             return tx.get(job_id)
 
+    def record_done(self, kind: str, payload: dict[str, Any], result: dict[str, Any]) -> JobRecord:
+        """A job another door already ran (the CLI), straight into history as done with its result."""
+        now = time.time()
+        with self._write() as tx:
+            job_id = uuid.uuid4().hex
+            tx.run("INSERT INTO jobs (id, kind, status, payload, created, started, finished, result, search) "
+                   "VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?)",
+                   job_id, kind, _dumps(payload), now, now, now, _dumps(result), search_text(payload))
+            return tx.get(job_id)
+
     def claim_next(self) -> JobRecord | None:
         """Move the oldest queued job to running (attempts += 1) and return it; None when the queue is empty."""
         with self._write() as tx:
