@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdstudio import GenerationRequest, RequestError
-from sdstudio.samplers import AUTOMATIC, SAMPLERS, resolve_sampler
+from sdstudio.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_TYPES, resolve_sampler
 
 SIGMA = ("Uniform", "Karras", "Exponential", "Beta", "SGM Uniform")
 SPACING = ("Uniform", "SGM Uniform")
@@ -223,3 +223,16 @@ def test_unknown_schedule_is_an_error_with_the_closest_name():
         resolve_sampler("Euler", "Polyexp")
     with pytest.raises(RequestError, match=r"unknown sampler 'Euler b' \(did you mean 'Euler a'\?\)"):
         resolve_sampler("Euler b")
+
+
+NOTE_CASES = [pytest.param(spec, schedule, id=f"{spec.name}-{schedule}") for spec in SAMPLERS
+              for schedule in SCHEDULE_TYPES if resolve_sampler(spec.name, schedule).note]
+
+
+@pytest.mark.parametrize(("spec", "schedule"), NOTE_CASES)
+def test_pairs_a_sampler_runs_on_its_own_timesteps_still_make_an_image_and_say_so(engine, spec, schedule):
+    """The rest of the sampler x schedule matrix: DDIM, PLMS, UniPC, LCM and DPM fast keep their own steps for
+    the other schedule types (as A1111 does); the image is made and the result's warnings say why."""
+    result = engine.generate(GenerationRequest(prompt=PROMPT, steps=3, sampler=spec.name, schedule=schedule,
+                                               seed=SEED))
+    assert len(result.images) == 1 and any("keeps its own timesteps" in w for w in result.warnings)
