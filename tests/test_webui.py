@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from sdstudio import Settings
 from sdstudio.server.app import create_app
+from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.testing.live import live_server
 from sdstudio.train.shapes import ShapeSpec, draw
 
@@ -29,10 +30,16 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("webui-home")
+def webui_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("webui-home")
+
+
+@pytest.fixture(scope="module")
+def server(webui_home):
+    home = webui_home
     settings = Settings.from_env(home=home, outputs_dir=home / "outputs", device=torch.device("cpu"),
-                                 dtype=torch.float32, default_model="demo")
+                                 dtype=torch.float32, default_model="demo",
+                                 models_dirs=(home / "models", PACKAGED_MODELS))
     with live_server(create_app(settings, home / "server")) as port:
         yield f"http://127.0.0.1:{port}"
 
@@ -412,3 +419,15 @@ def test_the_light_theme_applies_at_once_and_server_settings_say_they_are_unsave
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.evaluate("() => document.documentElement.classList.contains('light')")  # kept
+
+
+def test_refresh_finds_a_model_added_while_the_page_is_open(page, webui_home):
+    assert "demo-later" not in page.locator("#model").inner_text()
+    page.select_option("#model", "demo-inpaint")
+    shutil.copytree(PACKAGED_MODELS / "demo", webui_home / "models" / "demo-later")
+    try:
+        page.click("#refresh-catalog")
+        sync_api.expect(page.locator("#model option[value=demo-later]")).to_have_count(1)
+        assert page.input_value("#model") == "demo-inpaint"  # the choice is kept
+    finally:
+        shutil.rmtree(webui_home / "models" / "demo-later")

@@ -9,17 +9,11 @@ import { Settings, loadPrefs } from "./settings.js";
 import { Viewer } from "./viewer.js";
 import { XYZ } from "./xyz.js";
 
-function fillPickers(catalog) {
-  const d = catalog.defaults;
+// The pickers of files in the model folders; `kept` chooses in them (a model name, a VAE).
+function fillFilePickers(catalog, kept) {
   fillSelect($("#model"), catalog.models.map((m) => [m.name, m.inpainting ? `${m.name} (inpainting)` : m.name]),
-    catalog.default_model);
-  fillSelect($("#vae"), [["", "Automatic"], ...catalog.vaes]);
-  fillSelect($("#sampler"), catalog.samplers, d.sampler);
-  fillSelect($("#schedule"), catalog.schedules, d.schedule);
-  fillSelect($("#masked_content"), catalog.masked_content, d.masked_content);
-  fillSelect($("#inpaint_method"), catalog.inpaint_methods, d.inpaint_method);
-  fillSelect($("#hr_upscaler"), [...catalog.latent_upscale_modes, ...catalog.upscalers], d.hr_upscaler);
-  fillSelect($("#up-upscaler"), catalog.upscalers, "Lanczos");
+    kept.model);
+  fillSelect($("#vae"), [["", "Automatic"], ...catalog.vaes], kept.vae);
   for (const [id, names] of [["#lora-pick", catalog.loras], ["#embedding-pick", catalog.embeddings]]) {
     const first = $(id).options[0];
     fillSelect($(id), names);
@@ -27,9 +21,27 @@ function fillPickers(catalog) {
     $(id).value = "";
     $(id).disabled = !names.length;
   }
+}
+
+function fillPickers(catalog) {
+  const d = catalog.defaults;
+  fillFilePickers(catalog, { model: catalog.default_model, vae: "" });
+  fillSelect($("#sampler"), catalog.samplers, d.sampler);
+  fillSelect($("#schedule"), catalog.schedules, d.schedule);
+  fillSelect($("#masked_content"), catalog.masked_content, d.masked_content);
+  fillSelect($("#inpaint_method"), catalog.inpaint_methods, d.inpaint_method);
+  fillSelect($("#hr_upscaler"), [...catalog.latent_upscale_modes, ...catalog.upscalers], d.hr_upscaler);
+  fillSelect($("#up-upscaler"), catalog.upscalers, "Lanczos");
   for (const name of ["steps", "cfg_scale", "strength", "mask_blur", "only_masked_padding"]) {
     if (d[name] !== undefined) $(`#${name}`).value = d[name];
   }
+}
+
+// New files in the model folders, without a reload: the pickers refilled, what was chosen kept when still there.
+async function refreshCatalog(studio) {
+  const catalog = await api.get("/api/v1/catalog");
+  fillFilePickers(catalog, { model: $("#model").value, vae: $("#vae").value });
+  studio.catalog = catalog;
 }
 
 // The server's defaults (Settings page; A1111's options): the model, VAE and clip skip this page starts with.
@@ -77,6 +89,8 @@ async function main() {
   watchQueue($("#queue"), history);
   await applyServerDefaults(catalog);
   studio.restoreForm();
+  $("#refresh-catalog").addEventListener("click", () => refreshCatalog(studio).catch(
+    (e) => showError(document.body, null, `cannot read the model catalog: ${e.message}`, $("#form-error"))));
   bindPromptBox("prompt", false);
   bindPromptBox("negative_prompt", true);
   document.body.dataset.ready = "true";  // the page is wired (browser tests wait for this)
