@@ -178,6 +178,8 @@ def test_the_cli_never_touches_the_network_and_takes_model_names_everywhere(work
                  ["models", "convert", "demo", "converted/demo.safetensors"]):
         proc = run(args, workdir, workdir / "home", extra_env=env)
         assert proc.returncode == 0, (args, proc.stderr)
+        for noise in ("Loading weights", "There are modules", "Writing model shards", "Traceback"):
+            assert noise not in proc.stderr, (args, proc.stderr)  # only our own progress and messages
     assert not log.exists(), log.read_text()
     proc = run(["train", "model", "shapes", "x", "--steps", "1"], workdir, workdir / "home")
     assert proc.returncode == 2 and "needs a VAE: give --vae" in proc.stderr
@@ -205,11 +207,13 @@ def test_rerunning_someone_elses_image_lists_everything_missing_at_once(workdir)
 
     info = PngInfo()
     info.add_text("parameters", "a cat <lora:nosuch:0.8>\nSteps: 12, Sampler: Euler a, CFG scale: 5, Seed: 42, "
-                                "Size: 64x64, Model hash: 0123456789, Model: juggernaut_xl")
+                                "Size: 64x64, Model hash: 0123456789, Model: juggernaut_xl, Denoising strength: 0.4, "
+                                "Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+")
     Image.new("RGB", (64, 64)).save(workdir / "theirs.png", pnginfo=info)
     proc = run(["txt2img", "--from-image", "theirs.png"], workdir, workdir / "home")
-    assert proc.returncode == 2 and "2 things this request names are missing" in proc.stderr
+    assert proc.returncode == 2 and "3 things this request names are missing" in proc.stderr
     assert "unknown LoRA 'nosuch'" in proc.stderr and "unknown model 'juggernaut_xl'" in proc.stderr
+    assert "unknown hr_upscaler 'R-ESRGAN 4x+'" in proc.stderr
 
 
 def test_cli_runs_appear_in_the_servers_history_and_both_write_to_one_outputs_folder(workdir):

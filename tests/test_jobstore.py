@@ -86,6 +86,33 @@ def test_fifo_order(store):
     assert claimed == ids
 
 
+def test_move_to_front_runs_a_job_next_and_positions_follow(store):
+    a, b, c, d = (store.submit("txt2img", {"prompt": p}).id for p in "abcd")
+    assert store.move_to_front(c).position == 1
+    assert store.move_to_front(d).position == 1  # the latest moved goes first, as Ctrl+Shift+Enter twice
+    assert [store.get(i).position for i in (a, b, c, d)] == [3, 4, 2, 1]
+    assert store.claim_next().id == d
+    assert store.move_to_front(d).status == "running"  # only a queued job moves
+    assert [store.claim_next().id for _ in range(3)] == [c, a, b]
+
+
+def test_a_version_1_database_gains_the_queue_order_and_keeps_its_jobs(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the table as the first release wrote it
+        db.executescript("""
+            CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+            CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+                status TEXT NOT NULL, payload TEXT NOT NULL, result TEXT, error TEXT, created REAL NOT NULL,
+                started REAL, finished REAL, idempotency_key TEXT UNIQUE, attempts INTEGER NOT NULL DEFAULT 0,
+                cancel_requested INTEGER NOT NULL DEFAULT 0, progress TEXT, search TEXT NOT NULL DEFAULT '');
+            INSERT INTO jobs (id, kind, status, payload, created) VALUES ('old', 'txt2img', 'queued', '{}', 0);""")
+    db.close()
+    with JobStore(path) as store:
+        new = store.submit("txt2img", {}).id
+        assert store.move_to_front(new).position == 1 and store.get("old").position == 2
+        assert store.claim_next().id == new
+
+
 def test_concurrent_claims_never_hand_a_job_twice(store):
     ids = {store.submit("txt2img", {"prompt": f"p{i}"}).id for i in range(200)}
     claimed: list[str] = []

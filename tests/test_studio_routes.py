@@ -84,6 +84,32 @@ def test_catalog_lists_what_requests_accept(client, tiny_model):
                                        controlnets=(unit,)))
 
 
+def test_lora_and_embedding_cards_show_the_preview_kept_beside_the_file(client):
+    home = client.app.state.sdstudio.settings.home
+    lora, embeddings = home / "lora" / "styles", home / "embeddings"
+    for folder in (lora, embeddings):
+        folder.mkdir(parents=True, exist_ok=True)
+    files = [lora / "ink wash.safetensors", lora / "plain.safetensors", embeddings / "bad-hands.pt"]
+    for path in files:
+        path.write_bytes(b"weights")
+    shapes_image().save(lora / "ink wash.preview.png")  # A1111's names for a card's picture
+    shapes_image().save(embeddings / "bad-hands.jpg")
+    try:
+        cards = client.get("/api/v1/catalog").json()["networks"]
+        assert cards == [{"kind": "lora", "name": "ink wash", "preview": "/api/v1/previews/lora/ink%20wash"},
+                         {"kind": "lora", "name": "plain", "preview": None},
+                         {"kind": "embedding", "name": "bad-hands", "preview": "/api/v1/previews/embedding/bad-hands"}]
+        assert png(client.get(cards[0]["preview"])).size == shapes_image().size
+        assert client.get(cards[2]["preview"]).headers["content-type"] == "image/jpeg"
+        for missing in ("/api/v1/previews/lora/plain", "/api/v1/previews/vae/ink%20wash"):
+            answer = client.get(missing)
+            assert answer.status_code == 404 and "no preview picture" in answer.json()["detail"], missing
+        assert client.get("/api/v1/previews/lora/..%2F..%2Flora%2Fstyles%2Fink%20wash").status_code == 404
+    finally:
+        for path in files:
+            path.unlink()
+
+
 def test_png_info_of_our_own_image_gives_back_its_request(client):
     done = run_job(client, prompt="a red circle", negative_prompt="blurry", steps=2, seed=5, cfg_scale=6)
     picture = client.get(done["result"]["images"][0]).content

@@ -214,6 +214,45 @@ def test_generate_while_a_job_runs_queues_and_interrupt_keeps_finished_images(pa
     assert page.is_disabled("#interrupt") and page.is_enabled("#generate")
 
 
+def started(server: str, page, prompt: str) -> float:
+    jobs = page.request.get(f"{server}/api/v1/jobs?q={prompt}").json()["jobs"]
+    return next(j for j in jobs if j["prompt"] == prompt)["started"]
+
+
+def test_ctrl_shift_enter_queues_at_the_front_and_generate_forever_repeats(page, server):
+    fill_basics(page, "a red circle on a blue background", seed=3, steps=60)
+    page.fill("#n_iter", "20")
+    page.click("#generate")
+    page.wait_for_function("() => !document.querySelector('#interrupt').disabled", timeout=60_000)
+    page.fill("#n_iter", "1")
+    fill_basics(page, "a green square on a red background", seed=8, steps=2)
+    page.keyboard.press("Control+Enter")
+    sync_api.expect(page.locator("#queued")).to_have_text("+1 queued")
+    fill_basics(page, "a yellow star on a blue background", seed=9, steps=2)
+    page.keyboard.press("Control+Shift+Enter")
+    sync_api.expect(page.locator("#queued")).to_have_text("+2 queued")
+    page.click("#interrupt")
+    page.wait_for_function("() => document.querySelector('#queued').textContent === '' && "
+                           "document.querySelector('#interrupt').disabled", timeout=60_000)
+    assert "a green square" in page.inner_text("#infotext")  # the page shows the jobs in the order they ran
+    assert started(server, page, "a yellow star on a blue background") < started(
+        server, page, "a green square on a red background")
+
+    fill_basics(page, "a green circle on a yellow background", seed=-1, steps=2)
+    count = "() => fetch('/api/v1/jobs?q=green%20circle%20on%20a%20yellow').then(r => r.json()).then(j => j.total)"
+    page.click("#forever")
+    page.wait_for_function(f"async () => (await ({count})()) >= 3", timeout=60_000, polling=300)
+    page.click("#forever")  # stop: the job running finishes, no new one is sent
+    sync_api.expect(page.locator("#forever")).to_have_attribute("aria-pressed", "false")
+    page.wait_for_function("() => document.querySelector('#interrupt').disabled", timeout=60_000)
+    made = page.evaluate(f"({count})()")
+    page.wait_for_timeout(1000)
+    assert page.evaluate(f"({count})()") == made
+    seeds = {j["result"]["seeds"][0] for j in page.request.get(
+        f"{server}/api/v1/jobs?q=green%20circle%20on%20a%20yellow").json()["jobs"]}
+    assert len(seeds) == made  # a new random seed each time, as A1111's Generate forever
+
+
 def test_rerun_from_history_gives_the_same_image(page):
     fill_basics(page, "a yellow star on a green background", seed=21, steps=6)
     page.click("#generate")
@@ -369,6 +408,8 @@ def test_at_phone_width_generate_brings_the_progress_and_result_into_view(browse
     box = page.locator("#progress").bounding_box()
     assert box is not None and 0 <= box["y"] < 844, box  # on screen, not ~1000 px below the form
     page.wait_for_function("() => !document.querySelector('#result-main').hidden", timeout=120_000)
+    page.wait_for_function("() => { const r = document.querySelector('#result-main').getBoundingClientRect();"
+                           " return r.height > 100 && r.top >= 0 && r.bottom <= innerHeight; }")  # all of it
     shot(page, "phone-generate")
     context.close()
 
@@ -411,6 +452,7 @@ def test_ctrl_up_weights_the_word_at_the_cursor_and_the_counter_counts_tokens(pa
 def test_the_light_theme_applies_at_once_and_server_settings_say_they_are_unsaved(page):
     page.click(".tabs button[data-view=settings]")
     page.wait_for_function("() => document.querySelector('#set-model').options.length > 0")
+    assert "sdstudio serve --outputs FOLDER" in page.inner_text("#outputs-help")  # where the images go
     page.check("#set-light")
     assert page.evaluate("() => document.documentElement.classList.contains('light')")  # no Save needed
     page.fill("#set-clip", "2")
@@ -431,3 +473,35 @@ def test_refresh_finds_a_model_added_while_the_page_is_open(page, webui_home):
         assert page.input_value("#model") == "demo-inpaint"  # the choice is kept
     finally:
         shutil.rmtree(webui_home / "models" / "demo-later")
+
+
+def test_lora_and_embedding_cards_insert_into_the_prompt_box_last_used(page, webui_home):
+    lora, embeddings = webui_home / "lora", webui_home / "embeddings"
+    for folder in (lora, embeddings):
+        folder.mkdir(exist_ok=True)
+    files = [lora / "ink wash.safetensors", embeddings / "bad-hands.pt", lora / "ink wash.png"]
+    files[0].write_bytes(b"weights")
+    files[1].write_bytes(b"weights")
+    draw(ShapeSpec("circle", "red", "blue", "large", (1, 1)), 64).save(files[2])
+    try:
+        page.click("#refresh-catalog")
+        page.click("#networks summary")
+        cards = page.locator("#network-cards .card")
+        sync_api.expect(cards).to_have_count(2)
+        sync_api.expect(page.locator("#network-count")).to_have_text("(2)")
+        page.wait_for_function("() => document.querySelector('#network-cards img')?.naturalWidth === 64")
+        page.fill("#prompt", "a red circle")
+        page.click(".card[data-name='ink wash']")
+        assert page.input_value("#prompt") == "a red circle, <lora:ink wash:1>"
+        page.fill("#prompt", "a red circle, <lora:ink wash:0.6>, on blue")
+        page.click(".card[data-name='ink wash']")  # a second click takes it out, at any weight
+        assert page.input_value("#prompt") == "a red circle, on blue"
+        page.fill("#negative_prompt", "blurry")
+        page.click(".card[data-name='bad-hands']")  # the negative prompt was used last
+        assert page.input_value("#negative_prompt") == "blurry, bad-hands"
+        page.fill("#network-filter", "hands")
+        sync_api.expect(page.locator(".card[data-name='ink wash']")).to_be_hidden()
+        shot(page, "networks")
+    finally:
+        for path in files:
+            path.unlink()

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sdstudio.cli.common import fail, quiet_libraries
+
 if TYPE_CHECKING:
     from sdstudio.train.state import TrainProgress
 
@@ -34,7 +36,7 @@ def shapes_dataset(out: Annotated[Path, typer.Argument(help="Folder to write NNN
     from sdstudio.train.shapes import write_dataset
 
     if count < 1:
-        _fail(f"--count must be at least 1, got {count}")
+        fail(f"--count must be at least 1, got {count}")
     write_dataset(out, count, seed, resolution)
     typer.echo(str(out))
 
@@ -79,9 +81,9 @@ def model(data: Data, out: Out,
     _check_choice("arch", arch, TEXT_ARCHS)
     _check_choice("prediction", prediction, ("epsilon", "v_prediction"))
     if inpaint and not base:
-        _fail("--inpaint widens a trained model: give it --base MODEL")
+        fail("--inpaint widens a trained model: give it --base MODEL")
     if not (vae or base):
-        _fail("training from scratch needs a VAE: give --vae (a VAE or a model, e.g. --vae demo)")
+        fail("training from scratch needs a VAE: give --vae (a VAE or a model, e.g. --vae demo)")
     cfg = SdTrainConfig(data=data, out=out, vae=_model(vae), base=_model(base), arch=arch, resolution=resolution,
                         batch_size=batch_size, steps=steps, lr=lr, ema_decay=ema, prediction_type=prediction,
                         seed=seed, save_every=save_every, save_dtype=save_dtype, inpaint=inpaint)
@@ -111,7 +113,8 @@ def _train(run, steps: int) -> None:
     from sdstudio.errors import SdStudioError
 
     if steps < 1:
-        _fail(f"--steps must be at least 1, got {steps}")
+        fail(f"--steps must be at least 1, got {steps}")
+    quiet_libraries()
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=not err.is_terminal) as bar:
@@ -126,9 +129,9 @@ def _train(run, steps: int) -> None:
         try:
             out = run(on_progress)
         except SdStudioError as e:
-            _fail(str(e))
+            fail(str(e))
         except KeyboardInterrupt:
-            _fail("interrupted (resume with --resume)", code=130)
+            fail("interrupted (resume with --resume)", code=130)
     typer.echo(str(out))
 
 
@@ -141,15 +144,10 @@ def _model(name: str | None) -> str | None:
 
     path = model_path(name, Settings.from_env())
     if not path.is_dir():
-        _fail(f"{name} is a single file; training needs a diffusers folder (sdstudio models convert makes one)")
+        fail(f"{name} is a single file; training needs a diffusers folder (sdstudio models convert makes one)")
     return str(path)
 
 
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        _fail(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+        fail(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -111,6 +111,14 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
             worker.interrupt(job_id)
         return job_view(store.get(job_id) or job, state)
 
+    @app.post("/api/v1/jobs/{job_id}/front")
+    def to_front(job_id: str) -> dict[str, Any]:
+        """A queued job runs next (the web UI's Ctrl+Shift+Enter); a job already running or ended is unchanged."""
+        job = store.move_to_front(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job_view(job, state)
+
     @app.post("/api/v1/jobs/{job_id}/interrupt")
     def interrupt(job_id: str, how: str = "interrupt") -> dict[str, Any]:
         """Stop a running job and keep what it finished, as A1111's Interrupt (how=skip: its current batch

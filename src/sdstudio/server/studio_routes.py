@@ -1,8 +1,8 @@
 """Native /api/v1 routes a browser UI needs beyond the job queue: one catalog for its pickers, PNG info,
-ControlNet preprocessor previews, a job's request to re-run or edit, denoising captures, and X/Y/Z plots
-as queued jobs. Every listing comes from the same functions the engine resolves names with, so a name
-listed here is one the request fields accept. Files are found only from stored job records and validated
-integers: no route takes a path.
+ControlNet preprocessor previews, LoRA/embedding preview pictures, a job's request to re-run or edit,
+denoising captures, and X/Y/Z plots as queued jobs. Every listing comes from the same functions the engine
+resolves names with, so a name listed here is one the request fields accept. Files are found only from
+stored job records, validated integers and listed names: no route takes a path.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Header
 from fastapi.responses import FileResponse
@@ -32,6 +33,7 @@ from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.models.find import catalog
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.inventory import family_of
+from sdstudio.models.find.previews import preview_of
 from sdstudio.models.load import controlnet
 from sdstudio.models.load.families import FAMILY_INFO
 from sdstudio.models.load.vae import vae_files
@@ -88,6 +90,15 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
                                          body.high_threshold, state.settings.home / "annotators")
         return {"image": image_to_b64(control)}
 
+    @app.get("/api/v1/previews/{kind}/{name}")
+    def network_preview(kind: str, name: str) -> FileResponse:
+        """The preview picture kept next to a LoRA or embedding (the web UI's cards); found by name only."""
+        found = network_files(state.engine, kind).get(name.lower())
+        picture = preview_of(found) if found else None
+        if picture is None:
+            raise NotFound(f"no preview picture for the {kind} {name!r}")
+        return FileResponse(picture)
+
     @app.get("/api/v1/jobs/{job_id}/request")
     def job_request(job_id: str) -> dict[str, Any]:
         return get_job(state.store, job_id).payload
@@ -130,8 +141,10 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "models": [model_entry(ref, hashes.get(str(ref.path.resolve()))) for ref in refs],
         "default_model": default_model(engine, refs),
         "vaes": [p.name for p in vae_files(engine.folders.vae)],
-        "loras": list(dict.fromkeys(p.stem for p in engine.addons.lora_files())),
-        "embeddings": [p.stem for p in engine.addons.embedding_files().values()],
+        "loras": [p.stem for p in network_files(engine, "lora").values()],
+        "embeddings": [p.stem for p in network_files(engine, "embedding").values()],
+        "networks": [network_entry(kind, path) for kind in NETWORK_KINDS
+                     for path in network_files(engine, kind).values()],
         "controlnets": [p.stem if p.is_file() else p.name for p in controlnet.available(engine.folders.controlnet)],
         "preprocessors": list(ALL_PREPROCESSORS),
         "samplers": [spec.name for spec in SAMPLERS],
@@ -145,6 +158,27 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "defaults": encode_request(GenerationRequest()),
         "control_defaults": {k: v for k, v in ControlUnit(model="").to_dict().items() if k != "model"},
     }
+
+
+NETWORK_KINDS = ("lora", "embedding")
+
+
+def network_files(engine: Engine, kind: str) -> dict[str, Path]:
+    """Lowercased name -> file of the LoRAs or embeddings a prompt can name (the first of a name wins, as the
+    engine resolves it); empty for another kind."""
+    if kind == "embedding":
+        return engine.addons.embedding_files()
+    found: dict[str, Path] = {}
+    for path in engine.addons.lora_files() if kind == "lora" else []:
+        found.setdefault(path.stem.lower(), path)
+    return found
+
+
+def network_entry(kind: str, path: Path) -> dict[str, Any]:
+    """A card of the web UI: kind, name as the prompt takes it, and the URL of its preview picture (or null)."""
+    has_preview = preview_of(path) is not None
+    return {"kind": kind, "name": path.stem,
+            "preview": f"/api/v1/previews/{kind}/{quote(path.stem, safe='')}" if has_preview else None}
 
 
 def generation_models(engine: Engine) -> list[ModelRef]:

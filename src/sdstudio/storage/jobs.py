@@ -10,7 +10,7 @@ by the server and only stored now and then; see `set_progress`.)
 
 Lifecycle::
 
-    submit -> queued --claim_next--> running --finish--> done
+    submit -> queued --claim_next--> running --finish--> done     (move_to_front: next in line)
                  |                      |-----fail----> failed
                  |--cancel--> cancelled |--cancel--> cancel_requested, then mark_cancelled -> cancelled
 
@@ -61,15 +61,18 @@ CREATE TABLE jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     progress TEXT,                              -- JSON
-    search TEXT NOT NULL DEFAULT ''             -- casefolded prompt and negative prompt
+    search TEXT NOT NULL DEFAULT '',            -- casefolded prompt and negative prompt
+    turn REAL                                   -- queue order when moved (NULL: seq)
 );
 CREATE INDEX jobs_status_seq ON jobs (status, seq);
 """
 
+_TURN = "COALESCE(turn, seq)"  # the queue runs in this order (seq breaks ties); `move_to_front` lowers it
 _COLUMNS = """id, kind, status, payload, result, error, created, started, finished, idempotency_key,
     attempts, cancel_requested, progress,
     CASE WHEN status = 'queued'
-         THEN (SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued' AND q.seq <= jobs.seq) END"""
+         THEN (SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued'
+               AND (COALESCE(q.turn, q.seq), q.seq) <= (COALESCE(jobs.turn, jobs.seq), jobs.seq)) END"""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ class JobStore:
             elif version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer sdstudio (schema version {version}, this "
                                  f"one reads up to {SCHEMA_VERSION}); upgrade sdstudio or use another --data-dir")
+            elif "turn" not in {row[1] for row in tx.all("PRAGMA table_info(jobs)")}:
+                # added after version 1 without a new version: older sdstudio reads it and ignores it
+                tx.run("ALTER TABLE jobs ADD COLUMN turn REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -242,14 +248,22 @@ class JobStore:
             return tx.get(job_id)
 
     def claim_next(self) -> JobRecord | None:
-        """Move the oldest queued job to running (attempts += 1) and return it; None when the queue is empty."""
+        """Move the first queued job (the oldest, unless one was moved to the front) to running (attempts += 1)
+        and return it; None when the queue is empty."""
         with self._write() as tx:
-            row = tx.one("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")
+            row = tx.one(f"SELECT id FROM jobs WHERE status = 'queued' ORDER BY {_TURN}, seq LIMIT 1")
             if row is None:
                 return None
             tx.run("UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = NULL "
                    "WHERE id = ?", time.time(), row[0])
             return tx.get(row[0])
+
+    def move_to_front(self, job_id: str) -> JobRecord | None:
+        """A queued job runs next (ahead of the others queued); any other job is returned unchanged."""
+        with self._write() as tx:
+            tx.run(f"UPDATE jobs SET turn = (SELECT MIN({_TURN}) FROM jobs WHERE status = 'queued') - 1 "
+                   "WHERE id = ? AND status = 'queued'", job_id)
+            return tx.get(job_id)
 
     def finish(self, job_id: str, result: dict[str, Any]) -> JobRecord | None:
         """running -> done with its result. A job in any other state is returned unchanged."""

@@ -13,7 +13,10 @@ class JobQueue(Protocol):
         """Queue a job (the same idempotency key gives the job already queued)."""
 
     def claim_next(self) -> JobRecord | None:
-        """The oldest queued job, now running; None when there is none."""
+        """The first queued job (oldest, unless one was moved to the front), now running; None when there is none."""
+
+    def move_to_front(self, job_id: str) -> JobRecord | None:
+        """A queued job runs next."""
 
     def finish(self, job_id: str, result: dict[str, Any]) -> JobRecord | None: ...
 

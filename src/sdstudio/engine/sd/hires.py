@@ -14,6 +14,7 @@ pass's, exactly as the txt2img API reads it; the infotext's "Denoising strength"
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,17 @@ def hires_size(req: GenerationRequest, factor: int) -> HiresSize:
     return HiresSize(floor(to), floor(target))
 
 
+def check_hires_upscaler(name: str) -> None:
+    """A latent mode or a resampler; else an "unknown hr_upscaler" error, which the runner reports together
+    with the request's other missing names (an A1111 image's "R-ESRGAN 4x+" with its missing LoRAs)."""
+    if latent_mode(name) is None and resampler(name) is None:
+        names = [m.name for m in LATENT_UPSCALE_MODES] + list(RESAMPLERS)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}" if close else ""
+        raise RequestError(f"unknown hr_upscaler {name!r}{hint}: hires fix takes a latent mode or a resampler: "
+                           f"{', '.join(names)}", "hr_upscaler")
+
+
 def check_hires(req: GenerationRequest, limits: Limits) -> None:
     """Checks that need no model (the hires prompts are parsed by Engine.prepare). Errors name the JSON's keys."""
     hr = req.hires
@@ -81,10 +93,8 @@ def check_hires(req: GenerationRequest, limits: Limits) -> None:
                 value == 0 or limits.min_side <= value <= limits.max_side):
             raise RequestError(f"{name} must be 0 (use hr_scale) or between {limits.min_side} and {limits.max_side} "
                                f"pixels, got {value!r}", name)
-    if latent_mode(hr.upscaler) is None and resampler(hr.upscaler) is None:
-        names = ", ".join([m.name for m in LATENT_UPSCALE_MODES] + list(RESAMPLERS))
-        raise RequestError(f"unknown hr_upscaler {hr.upscaler!r}: use a latent mode or a resampler: {names}",
-                           "hr_upscaler")
+    if not isinstance(hr.upscaler, str):
+        raise RequestError(f"hr_upscaler must be a name, got {hr.upscaler!r}", "hr_upscaler")
     if isinstance(hr.steps, bool) or not isinstance(hr.steps, int) or not 0 <= hr.steps <= limits.max_steps:
         raise RequestError(f"hr_second_pass_steps must be 0 (the same as steps) or up to {limits.max_steps}, got "
                            f"{hr.steps!r}", "hr_second_pass_steps")

@@ -17,7 +17,7 @@ from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
-from sdstudio.engine.sd.hires import output_pixels, requested_choice
+from sdstudio.engine.sd.hires import check_hires_upscaler, output_pixels, requested_choice
 from sdstudio.engine.sd.hires_job import HiresJob
 from sdstudio.engine.sd.job import Job
 from sdstudio.engine.sd.stages import set_vae_tiling
@@ -39,8 +39,8 @@ SD_LATENT_FACTOR = 8  # pixels per latent cell, every SD1/SD2/SDXL VAE
 
 
 class MissingNames:
-    """Collects the "unknown ..." errors of the names a request gives (model, VAE, LoRAs, ControlNets), so that
-    a re-run of someone else's image lists everything missing at once instead of one per try."""
+    """Collects the "unknown ..." errors of the names a request gives (model, VAE, LoRAs, ControlNets, hires
+    upscaler), so that a re-run of someone else's image lists everything missing at once, not one per try."""
 
     def __init__(self) -> None:
         self.errors: list[SdStudioError] = []
@@ -95,7 +95,9 @@ class SdRunner:
                          for unit in request.controlnets)
         ref = ref or missing.check(lambda: self.resolve(request.model))  # unknown: listing close ones
         vae = missing.check(lambda: find_vae(request.vae, ref, self.folders.vae, names_only)) if ref else None
-        missing.raise_all()  # every missing model, LoRA, ControlNet and VAE in one message
+        if request.hires is not None:
+            missing.check(lambda: check_hires_upscaler(request.hires.upscaler))
+        missing.raise_all()  # every missing model, LoRA, ControlNet, VAE and upscaler in one message
         hires = None
         if (hr := request.hires) is not None:  # the second pass reads its own prompt over its own steps
             second = (hr.prompt or request.prompt, hr.negative_prompt or request.negative_prompt,

@@ -3,6 +3,7 @@ import * as api from "./api.js";
 import { $, $$, clearErrors, fillSelect, showError } from "./dom.js";
 import { Studio } from "./generate.js";
 import { History, watchQueue } from "./history.js";
+import { Networks } from "./networks.js";
 import { PngInfo } from "./pnginfo.js";
 import { bindPromptBox } from "./prompt.js";
 import { Settings, loadPrefs } from "./settings.js";
@@ -10,22 +11,16 @@ import { Viewer } from "./viewer.js";
 import { XYZ } from "./xyz.js";
 
 // The pickers of files in the model folders; `kept` chooses in them (a model name, a VAE).
-function fillFilePickers(catalog, kept) {
+function fillFilePickers(catalog, kept, networks) {
   fillSelect($("#model"), catalog.models.map((m) => [m.name, m.inpainting ? `${m.name} (inpainting)` : m.name]),
     kept.model);
   fillSelect($("#vae"), [["", "Automatic"], ...catalog.vaes], kept.vae);
-  for (const [id, names] of [["#lora-pick", catalog.loras], ["#embedding-pick", catalog.embeddings]]) {
-    const first = $(id).options[0];
-    fillSelect($(id), names);
-    $(id).prepend(first);
-    $(id).value = "";
-    $(id).disabled = !names.length;
-  }
+  networks.show(catalog.networks);
 }
 
-function fillPickers(catalog) {
+function fillPickers(catalog, networks) {
   const d = catalog.defaults;
-  fillFilePickers(catalog, { model: catalog.default_model, vae: "" });
+  fillFilePickers(catalog, { model: catalog.default_model, vae: "" }, networks);
   fillSelect($("#sampler"), catalog.samplers, d.sampler);
   fillSelect($("#schedule"), catalog.schedules, d.schedule);
   fillSelect($("#masked_content"), catalog.masked_content, d.masked_content);
@@ -38,9 +33,9 @@ function fillPickers(catalog) {
 }
 
 // New files in the model folders, without a reload: the pickers refilled, what was chosen kept when still there.
-async function refreshCatalog(studio) {
+async function refreshCatalog(studio, networks) {
   const catalog = await api.get("/api/v1/catalog");
-  fillFilePickers(catalog, { model: $("#model").value, vae: $("#vae").value });
+  fillFilePickers(catalog, { model: $("#model").value, vae: $("#vae").value }, networks);
   studio.catalog = catalog;
 }
 
@@ -65,7 +60,8 @@ async function main() {
     showError(document.body, null, `cannot read the model catalog: ${e.message}`, $("#form-error"));
     return;
   }
-  fillPickers(catalog);
+  const networks = new Networks($("#networks"));
+  fillPickers(catalog, networks);
   const viewer = new Viewer();
   const studio = new Studio(catalog, prefs, viewer);
   const settings = new Settings(prefs, catalog);
@@ -84,12 +80,12 @@ async function main() {
     if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
     e.preventDefault();
     if ($("#view-xyz").classList.contains("active")) xyz.run();
-    else { showView("generate"); studio.run(); }
+    else { showView("generate"); studio.run(e.shiftKey); }  // Ctrl+Shift+Enter: to the front of the queue
   });
   watchQueue($("#queue"), history);
   await applyServerDefaults(catalog);
   studio.restoreForm();
-  $("#refresh-catalog").addEventListener("click", () => refreshCatalog(studio).catch(
+  $("#refresh-catalog").addEventListener("click", () => refreshCatalog(studio, networks).catch(
     (e) => showError(document.body, null, `cannot read the model catalog: ${e.message}`, $("#form-error"))));
   bindPromptBox("prompt", false);
   bindPromptBox("negative_prompt", true);

@@ -34,6 +34,7 @@ export class Studio {
     this.initImage = null;   // base64 PNG of the picture to work on
     this.jobId = null;       // the job being followed
     this.pending = [];       // jobs this form queued behind it, followed in turn
+    this.forever = false;    // Generate forever: submit the form again whenever the page's queue is done
     this.results = [];       // {url, infotext, seed, jobId, index}
     this.selected = 0;
     this.form = $("#gen-form");
@@ -50,7 +51,8 @@ export class Studio {
       const last = stored(LAST_KEY);
       if (last) { writeFields(last.fields); this.setMode(last.mode); this.saveForm(); }
     });
-    $("#cancel").addEventListener("click", () => this.cancel());
+    $("#cancel").addEventListener("click", () => { this.setForever(false); this.cancel(); });
+    $("#forever").addEventListener("click", () => this.setForever(!this.forever));
     $("#interrupt").addEventListener("click", () => this.interrupt("interrupt"));
     $("#skip").addEventListener("click", () => this.interrupt("skip"));
     for (const button of document.querySelectorAll(".modes button")) {
@@ -62,8 +64,6 @@ export class Studio {
       const last = this.results[this.selected];
       if (last) $("#seed").value = last.seed;
     });
-    $("#lora-pick").addEventListener("change", (e) => this.addToPrompt(e.target, (v) => `<lora:${v}:1>`));
-    $("#embedding-pick").addEventListener("change", (e) => this.addToPrompt(e.target, (v) => v, "negative_prompt"));
     this.bindImageInput();
     $("#brush").addEventListener("click", () => this.tool(false));
     $("#eraser").addEventListener("click", () => this.tool(true));
@@ -82,13 +82,6 @@ export class Studio {
   nativeSize() {
     const model = this.catalog.models.find((m) => m.name === $("#model").value);
     return (model && model.size) || 512;
-  }
-
-  addToPrompt(select, format, target = "prompt") {
-    if (!select.value) return;
-    const box = $(`#${target}`);
-    box.value = `${box.value.trim()}${box.value.trim() ? ", " : ""}${format(select.value)}`;
-    select.value = "";
   }
 
   tool(erasing) {
@@ -157,28 +150,49 @@ export class Studio {
     return fields;
   }
 
-  // Submit the form as a job. While one is being followed, the new one joins the server's queue and is
-  // followed when its turn comes (A1111 users press Generate again to queue).
-  async run() {
+  // Submit the form as a job. While one is being followed, the new one joins the server's queue (at its front
+  // with `front`, Ctrl+Shift+Enter) and is followed when its turn comes (A1111 users press Generate again to
+  // queue). With Generate forever on, the form is submitted again each time the queue this page made is done.
+  async run(front = false) {
     clearErrors(this.form);
     try {
       if (this.mode === "upscale") return await this.upscale();
-      const request = this.request();
-      store(LAST_KEY, { mode: this.mode, fields: withoutPictures(request) });
-      $("#restore-last").disabled = false;
-      const job = this.mode === "outpaint"
-        ? await api.post("/api/v1/outpaint", { request, ...this.outpaintSides() })
-        : await api.post("/api/v1/jobs", { request });
+      const jobId = await this.submit(front);
       if (this.jobId) {
-        this.pending.push(job.id);
+        if (front) this.pending.unshift(jobId); else this.pending.push(jobId);
         this.queued();
         return;
       }
-      await this.follow(job.id);
-      while (this.pending.length) await this.follow(this.pending.shift());
+      await this.followAll(jobId);
     } catch (e) {
+      this.setForever(false);
       this.error(e);
     }
+  }
+
+  async submit(front = false) {
+    const request = this.request();
+    store(LAST_KEY, { mode: this.mode, fields: withoutPictures(request) });
+    $("#restore-last").disabled = false;
+    const job = this.mode === "outpaint"
+      ? await api.post("/api/v1/outpaint", { request, ...this.outpaintSides() })
+      : await api.post("/api/v1/jobs", { request });
+    if (front) await api.post(`/api/v1/jobs/${job.id}/front`);
+    return job.id;
+  }
+
+  async followAll(jobId) {
+    for (let next = jobId; next;) {
+      await this.follow(next);
+      next = this.pending.shift() || (this.forever && this.mode !== "upscale" ? await this.submit() : null);
+    }
+  }
+
+  setForever(on) {
+    this.forever = on;
+    $("#forever").setAttribute("aria-pressed", String(on));
+    $("#forever").textContent = on ? "Stop forever" : "Generate forever";
+    if (on && !this.jobId) this.run();
   }
 
   queued() {
@@ -280,6 +294,11 @@ export class Studio {
     $("#gallery").replaceChildren(...results.map((r, i) => el("img", { src: r.url, alt: `image ${i + 1}`, onclick: () => this.select(i) })));
     $("#warnings").replaceChildren(...warnings.map((w) => el("li", {}, w)));
     this.select(0);
+    const output = $("#view-generate .output").getBoundingClientRect();
+    if (matchMedia("(max-width: 900px)").matches && output.top < innerHeight && output.bottom > 0) {
+      const image = $("#result-main");  // a phone showing the progress: then the whole result, once it has a size
+      image.decode().catch(() => {}).then(() => $("#view-generate .output").scrollIntoView({ block: "start" }));
+    }
   }
 
   select(i) {
