@@ -98,6 +98,17 @@ def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
     assert not (workdir / "outputs").exists()
 
 
+def test_help_shows_defaults_and_whole_lines_at_100_columns(workdir):
+    env = {**os.environ, "COLUMNS": "100"}
+    text = subprocess.run([sys.executable, "-m", "sdstudio", "txt2img", "--help"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "(default: 20)" in text and "(default: DPM++ 2M)" in text and ".safetensors/.ckpt file" in text
+    assert "…" not in text  # no help cut short
+    serve = subprocess.run([sys.executable, "-m", "sdstudio", "serve", "--help"], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "~/.sdstudio/server" in serve and "./outputs" in serve
+
+
 def test_version_and_samplers(workdir):
     from sdstudio import __version__
 
