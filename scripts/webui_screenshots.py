@@ -1,6 +1,6 @@
 """Screenshots of the web UI's Generate view after one generation on the demo model, at 1280x800 (desktop,
-also scrolled to the end of the form with every section open) and 390x844 (phone): what a user sees. For before/after comparisons of UI work, run it
-once from each checkout into its own folder:
+also scrolled to the end of the form with every section open) and 390x844 (phone): what a user sees. For
+before/after comparisons of UI work, run it once from each checkout into its own folder:
 
     .venv/bin/python scripts/webui_screenshots.py docs/images --tag after
     PYTHONPATH=<older checkout>/src .venv/bin/python scripts/webui_screenshots.py docs/images --tag before
@@ -46,8 +46,8 @@ def shoot(url: str, out: Path, tag: str) -> None:
             page.wait_for_timeout(300)  # smooth scrolling settles
             page.screenshot(path=str(out / f"generate-{tag}-{name}.png"))
             if name == "1280":  # every section open, scrolled to the end of the form: is the result still in view?
-                page.evaluate("() => { document.querySelectorAll('#gen-form details').forEach((d) => { d.open = true; });"
-                              " scrollTo(0, document.body.scrollHeight); }")
+                page.evaluate("() => { document.querySelectorAll('#gen-form details').forEach((d) => {"
+                              " d.open = true; }); scrollTo(0, document.body.scrollHeight); }")
                 page.wait_for_timeout(300)
                 page.screenshot(path=str(out / f"generate-{tag}-{name}-scrolled.png"))
             context.close()
