@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import webuiapi
@@ -127,6 +128,17 @@ def test_controlnet_through_alwayson_scripts(api):
     assert "Model: demo-canny [" in result.info["infotexts"][0]
 
 
+def test_forge_freeu_and_pag_over_the_api_are_applied_and_written_as_forge_does(api):
+    request = dict(prompt="a red circle on a blue background", seed=5, width=64, height=64, steps=6)
+    scripts = {"FreeU Integrated": {"args": [True, 1.5, 1.6, 0.9, 0.2]},
+               "Perturbed Attention Guidance Integrated": {"args": [True, 2.0]}}
+    guided = api.txt2img(**request, alwayson_scripts=scripts)
+    text = guided.info["infotexts"][0]
+    assert "freeu_enabled: True, freeu_b1: 1.5" in text and "PerturbedAttentionGuidance_scale: 2" in text
+    plain = api.txt2img(**request)
+    assert np.abs(np.asarray(guided.image, int) - np.asarray(plain.image, int)).max() > 0
+
+
 def test_listings_and_extras(api):
     assert {"Euler a", "DPM++ 2M"} <= {s["name"] for s in api.get_samplers()}
     assert "Karras" in {s["label"] for s in api.get_schedulers()}
@@ -194,8 +206,9 @@ def test_routes_clients_probe_answer_in_a1111s_shapes(api):
     for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
         response = api.session.get(f"{base}/{route}")
         assert response.status_code == 200 and response.json() == [], route
-    assert api.session.get(f"{base}/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
-    assert {s["name"] for s in api.session.get(f"{base}/script-info").json()} == {"controlnet"}
+    scripts = ["controlnet", "freeu integrated", "perturbed attention guidance integrated"]
+    assert api.session.get(f"{base}/scripts").json() == {"txt2img": scripts, "img2img": scripts}
+    assert {s["name"] for s in api.session.get(f"{base}/script-info").json()} == set(scripts)
     assert api.session.post(f"{base}/interrupt").json() == {} and api.session.post(f"{base}/skip").json() == {}
     assert api.controlnet_version() == 2
     models = api.controlnet_model_list()

@@ -183,7 +183,10 @@ def test_unknown_fields_are_ignored():
     ({"restore_faces": True}, "restore_faces", "restore_faces false"),
     ({"tiling": True}, "tiling", "tiling false"),
     ({"script_name": "x/y/z plot"}, "script_name", "script_name null"),
-    ({"alwayson_scripts": {"Regional Prompter": {"args": [True, "Matrix"]}}}, "alwayson_scripts", "only ControlNet"),
+    ({"alwayson_scripts": {"Regional Prompter": {"args": [True, "Matrix"]}}}, "alwayson_scripts",
+     "ControlNet, FreeU Integrated and Perturbed Attention Guidance Integrated are"),
+    ({"alwayson_scripts": {"FreeU Integrated": {"args": [True, "high", 1.2]}}}, "alwayson_scripts",
+     "after 'enabled' must be numbers"),
     ({"hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name", "same checkpoint"),
 ])
 def test_what_we_cannot_honour_is_a_clear_error(change, field, words):
@@ -302,6 +305,18 @@ def test_img2img_response_echoes_without_pictures(engine, tmp_path):
     assert json.loads(out["info"])["denoising_strength"] == 0.5
     kept = respond(body.model_copy(update={"include_init_images": True}), result, tmp_path)
     assert kept["parameters"]["init_images"] == body.init_images
+
+
+def test_forges_freeu_and_pag_scripts_become_request_fields():
+    scripts = {"FreeU Integrated": {"args": [True, 1.3, 1.4, 0.9, 0.2]},
+               "perturbed attention guidance integrated": {"args": [True]},  # Forge's default scale, 3
+               "ControlNet": {"args": [{"enabled": False}]}}
+    req = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img(alwayson_scripts=scripts)))
+    assert req.freeu == (1.3, 1.4, 0.9, 0.2) and req.pag_scale == 3.0 and req.controlnets == ()
+    off = {"FreeU Integrated": {"args": [False, 1.3, 1.4, 0.9, 0.2]},
+           "Perturbed Attention Guidance Integrated": {"args": [False, 5.0]}}
+    req = to_generation_request(parse_body(Txt2ImgBody, webuiapi_txt2img(alwayson_scripts=off)))
+    assert req.freeu is False and req.pag_scale == 0.0
 
 
 def test_controlnet_number_fields_are_checked():

@@ -505,3 +505,19 @@ def test_lora_and_embedding_cards_insert_into_the_prompt_box_last_used(page, web
     finally:
         for path in files:
             path.unlink()
+
+
+def test_guidance_add_ons_from_the_form_reach_the_image_and_come_back_from_history(page):
+    fill_basics(page, "a red circle on a blue background", seed=6, steps=4)
+    page.click("#guidance-section summary")
+    page.select_option("#guidance", "apg")
+    page.fill("#pag_scale", "2")
+    page.check("#freeu")
+    page.click("#generate")
+    wait_for_result(page)
+    info = page.inner_text("#infotext")
+    assert "freeu_enabled: True, freeu_b1: 1.5" in info and "PerturbedAttentionGuidance_scale: 2" in info
+    assert "Guidance: APG" in info
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#guidance") == "apg" and page.is_checked("#freeu")  # the form kept them

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdstudio.a1111.forge_scripts import FORGE_SCRIPTS
 from sdstudio.a1111.names import SAME_CHECKPOINT
 from sdstudio.errors import RequestError
 
@@ -98,9 +99,10 @@ def check_supported(body: Body) -> None:
         raise RequestError(f"script {body.script_name!r} is not supported: sdstudio runs no A1111 scripts; "
                            "send script_name null", "script_name")
     for name, script in body.alwayson_scripts.items():
-        if name.lower() != CONTROLNET_SCRIPT and script_args(script, name):
-            raise RequestError(f"alwayson_scripts: {name!r} is not supported; only ControlNet is "
-                               "(remove the entry, or send it with empty or false args)", "alwayson_scripts")
+        if name.lower() not in (CONTROLNET_SCRIPT, *FORGE_SCRIPTS) and script_args(script, name):
+            raise RequestError(f"alwayson_scripts: {name!r} is not supported; ControlNet, FreeU Integrated and "
+                               "Perturbed Attention Guidance Integrated are (remove the entry, or send it with "
+                               "empty or false args)", "alwayson_scripts")
     if isinstance(body, Txt2ImgBody) and (body.hr_checkpoint_name or "").lower() not in SAME_CHECKPOINT:
         raise RequestError("hr_checkpoint_name is not supported: hires fix uses the same checkpoint; "
                            "send null", "hr_checkpoint_name")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sdstudio.a1111.guidance_infotext import guidance_fields, guidance_params
 from sdstudio.a1111.hires_infotext import hires_fields, hires_params
 from sdstudio.errors import RequestError
 from sdstudio.samplers import resolve_sampler, split_legacy_name
@@ -83,6 +84,7 @@ def generation_params(request: Mapping[str, Any], seed: int, model_hash: str, ve
         "Noise Schedule": "Zero Terminal SNR" if r["zero_terminal_snr"] else None,
         "ENSD": r["eta_noise_seed_delta"] if r.get("eta_noise_seed_delta") and _uses_ensd(r["sampler"]) else None,
         **hires_params(r),
+        **guidance_params(r),
         **(extra or {}),
         "Version": f"sdstudio {version}",
     }
@@ -162,6 +164,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
     if p.get("Soft inpainting enabled") == "True":
         fields["soft_inpainting"] = True
     fields.update(hires_fields(p))
+    fields.update(guidance_fields(p))
     if "Sampler" in p:
         sampler, legacy_schedule = split_legacy_name(p["Sampler"])
         fields["sampler"] = sampler

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdstudio.a1111.bodies import Body, Img2ImgBody, Txt2ImgBody, check_supported
 from sdstudio.a1111.controlnet import controlnet_units
+from sdstudio.a1111.forge_scripts import forge_script_fields
 from sdstudio.a1111.names import IMG2IMG_RESIZE, MASKED_CONTENT, SAME_SAMPLER, SAME_SCHEDULER
 from sdstudio.a1111.options import A1111Options
 from sdstudio.errors import RequestError
@@ -45,6 +46,7 @@ def to_native_payload(body: Body, options: A1111Options | None = None,
     elif isinstance(body, Img2ImgBody):
         fields.update(_img2img_fields(body))
     fields["controlnets"] = controlnet_units(body.alwayson_scripts, max_units)
+    fields.update(forge_script_fields(body.alwayson_scripts))
     return fields
 
 

@@ -50,6 +50,16 @@ from sdstudio.cli.generate import (
     run_request,
     seed_resize,
 )
+from sdstudio.cli.guidance import (
+    ApgEta,
+    ApgMomentum,
+    ApgThreshold,
+    FreeU,
+    Guidance,
+    Pag,
+    PagLayers,
+    add_on_fields,
+)
 from sdstudio.cli.inpaint import inpaint, outpaint
 from sdstudio.cli.models import app as models_app
 from sdstudio.cli.prompt import app as prompt_app
@@ -109,6 +119,8 @@ def txt2img(ctx: typer.Context,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
             seed_resize_from: SeedResize = None, hires: Hires = None, hr_scale: HrScale = None,
             hr_upscaler: HrUpscaler = None, hr_steps: HrSteps = None, hr_denoise: HrDenoise = None,
+            freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
+            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None,
             controlnet: ControlNetOpt = None) -> None:
     """Generate images from a prompt."""
     if hires is None and any(v is not None for v in (hr_scale, hr_upscaler, hr_steps, hr_denoise)):
@@ -120,7 +132,8 @@ def txt2img(ctx: typer.Context,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        enable_hr=hires, hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
-                       strength=hr_denoise, **control_units(controlnet))
+                       strength=hr_denoise, **control_units(controlnet),
+                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),)
     base = fields_from_image(from_image) if from_image else {}
     if not base.get("enable_hr"):
         base.pop("strength", None)  # an img2img's strength; with hires fix it is the second pass's
@@ -138,7 +151,9 @@ def img2img(ctx: typer.Context,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
-            seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None) -> None:
+            seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None,
+            freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
+            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
@@ -146,7 +161,8 @@ def img2img(ctx: typer.Context,
                        prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
-                       **control_units(controlnet))
+                       **control_units(controlnet),
+                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),)
     base = fields_from_image(from_image) if from_image else {}
     try:
         init = open_image(image)

@@ -30,6 +30,16 @@ from sdstudio.cli.generate import (
     overrides,
     run_request,
 )
+from sdstudio.cli.guidance import (
+    ApgEta,
+    ApgMomentum,
+    ApgThreshold,
+    FreeU,
+    Guidance,
+    Pag,
+    PagLayers,
+    add_on_fields,
+)
 from sdstudio.errors import SdStudioError
 from sdstudio.storage.images import open_image
 
@@ -64,7 +74,9 @@ def inpaint(ctx: typer.Context,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
-            vae: Vae = None) -> None:
+            vae: Vae = None, freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None,
+            guidance: Guidance = None, apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None,
+            apg_momentum: ApgMomentum = None) -> None:
     """Repaint the masked part of an image: inpainting checkpoints use the mask directly, ordinary ones keep
     the unmasked part at every step."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
@@ -73,7 +85,8 @@ def inpaint(ctx: typer.Context,
                        mask_blur=mask_blur, invert_mask=invert, masked_content=fill, only_masked=only_masked,
                        only_masked_padding=padding, keep_unmasked=keep_unmasked, soft_inpainting=soft,
                        inpaint_method=method, prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
-                       **control_units(controlnet))
+                       **control_units(controlnet),
+                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum))
     pictures = {"init_image": _open(image), "mask": _open(mask)}
     run_request(ctx.obj, build_request({}, {**fields, **pictures}), out)
 

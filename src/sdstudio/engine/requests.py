@@ -59,6 +59,9 @@ class ControlUnit:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# fields that are tuples in the request and lists in JSON
+TUPLE_FIELDS = ("original_size", "crop_left_top", "pag_layers", "freeu")
+
 # ... and the variation seeds flat too: key -> Variation field
 VARIATION_KEYS = {"subseed": "seed", "subseed_strength": "strength", "seed_resize_from_w": "resize_from_w",
                   "seed_resize_from_h": "resize_from_h"}
@@ -136,6 +139,14 @@ class GenerationRequest:
     guidance_rescale: float = 0.0    # rescale-CFG phi (Lin et al. 2023, sec. 3.4); 0 is plain CFG
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (ibid. sec. 3.1)
     eta_noise_seed_delta: int = 0    # A1111's ENSD: step noise of stochastic samplers from seed + this (0: seed's)
+    # Guidance add-ons (engine/sd/guidance.py): how the predictions combine, PAG, FreeU
+    guidance: str = "cfg"            # cfg | cfg-zero* (Fan et al. 2025) | apg (Sadat et al. 2024)
+    apg_eta: float = 1.0             # APG: weight of the guidance's part parallel to the prediction
+    apg_norm_threshold: float = 15.0  # APG: the guidance's norm is clipped to this (0: no clipping)
+    apg_momentum: float = 0.0        # APG: running average of the guidance over the steps (0: off)
+    pag_scale: float = 0.0           # perturbed-attention guidance (Ahn et al. 2024); 0: off, Forge's default 3
+    pag_layers: tuple[str, ...] = ("mid",)  # self-attention layers PAG perturbs: mid, down.N, up.N
+    freeu: bool | tuple[float, float, float, float] = False  # FreeU: true = the family's preset, or (b1, b2, s1, s2)
     # SDXL micro-conditioning (ignored by SD1/SD2): original size (None: the output size) and crop, as
     # (width, height) and (left, top); the refiner's aesthetic scores for the positive/negative branch.
     original_size: tuple[int, int] | None = None
@@ -220,7 +231,7 @@ class GenerationRequest:
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         """The inverse of to_dict for every field except the init image and latents (supply them separately)."""
         fields = {k: v for k, v in data.items() if k in cls.field_names()}
-        for name in ("original_size", "crop_left_top"):  # JSON has no tuples
+        for name in TUPLE_FIELDS:  # JSON has no tuples
             if isinstance(fields.get(name), list):
                 fields[name] = tuple(fields[name])
         fields["controlnets"] = tuple(ControlUnit.from_dict(u) if isinstance(u, dict) else u

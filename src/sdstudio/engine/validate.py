@@ -13,6 +13,7 @@ from PIL import Image
 from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
 from sdstudio.engine.requests import HIRES_KEYS, VARIATION_KEYS, ControlUnit, GenerationRequest
 from sdstudio.engine.sd.control import RESIZE_MODES
+from sdstudio.engine.sd.guidance import check_guidance
 from sdstudio.engine.sd.handoff import check_handoff, check_latent_channels, latents_size
 from sdstudio.engine.sd.hires import check_hires, resolve_hires
 from sdstudio.engine.sd.inpaint import INPAINT_METHODS
@@ -127,6 +128,7 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     check_pictures(req, limits)
     check_handoff(req)
     check_hires(req, limits)
+    check_guidance(req)
     check_work(req, limits)
     choice = resolve_sampler(req.sampler, req.schedule)
     if req.zero_terminal_snr and not choice.supports_zero_snr:
@@ -201,7 +203,7 @@ def check_text(text: str, name: str, limits: Limits) -> None:
 
 def check_work(req: GenerationRequest, limits: Limits) -> None:
     """The job's pixel-steps (Limits.max_work) within the operator's limit; the hires pass counts at its size."""
-    units = 1 + len(req.controlnets)
+    units = 1 + len(req.controlnets) + (req.pag_scale > 0)  # PAG: one more UNet evaluation
     pixels = (req.width or 1024) * (req.height or 1024)
     work = pixels * req.steps * req.total_images * units
     hr = req.hires
@@ -210,8 +212,8 @@ def check_work(req: GenerationRequest, limits: Limits) -> None:
         work += size * (hr.steps or req.steps) * req.total_images * units
     if work > limits.max_work:
         raise RequestError(f"this job is {work:.3g} pixel-steps (width x height x steps x images x (1 + ControlNet "
-                           f"units), hires included); this server's limit is {limits.max_work:.3g}: use fewer "
-                           "steps, images or pixels", "steps")
+                           f"units + 1 with PAG), hires included); this server's limit is {limits.max_work:.3g}: use "
+                           "fewer steps, images or pixels", "steps")
 
 
 def check_pictures(req: GenerationRequest, limits: Limits) -> None:

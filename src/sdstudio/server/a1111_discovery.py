@@ -12,6 +12,7 @@ from PIL import Image
 
 from sdstudio.a1111.bodies import CONTROLNET_SCRIPT, DetectBody
 from sdstudio.a1111.controlnet import controlnet_module
+from sdstudio.a1111.forge_scripts import FORGE_SCRIPTS
 from sdstudio.engine.sd.control import preprocess_control
 from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
 from sdstudio.errors import RequestError
@@ -56,13 +57,14 @@ def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list[str]]:
-        """The one script we run: ControlNet, always on (its units in alwayson_scripts)."""
-        return {"txt2img": [CONTROLNET_SCRIPT], "img2img": [CONTROLNET_SCRIPT]}
+        """The always-on scripts we run (their args in alwayson_scripts): ControlNet, Forge's FreeU and PAG."""
+        names = [CONTROLNET_SCRIPT, *FORGE_SCRIPTS]
+        return {"txt2img": names, "img2img": names}
 
     @app.get("/sdapi/v1/script-info")
     def script_info() -> list[dict[str, Any]]:
-        return [{"name": CONTROLNET_SCRIPT, "is_alwayson": True, "is_img2img": img2img, "args": []}
-                for img2img in (False, True)]
+        return [{"name": name, "is_alwayson": True, "is_img2img": img2img, "args": []}
+                for img2img in (False, True) for name in (CONTROLNET_SCRIPT, *FORGE_SCRIPTS)]
 
     @app.get("/controlnet/version")
     def controlnet_version() -> dict[str, int]:

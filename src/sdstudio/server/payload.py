@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sdstudio.engine.requests import IMAGES, ControlUnit, GenerationRequest
+from sdstudio.engine.requests import IMAGES, TUPLE_FIELDS, ControlUnit, GenerationRequest
 from sdstudio.errors import RequestError
 from sdstudio.pictures import DEFAULT_UPLOAD_PIXELS, image_to_b64
 from sdstudio.pictures import decode_image as image_from_b64
@@ -37,7 +37,7 @@ def decode_request(payload: dict[str, Any], max_pixels: int = DEFAULT_UPLOAD_PIX
     if not isinstance(payload, dict):
         raise RequestError("the request must be an object of GenerationRequest fields", "request")
     fields = {k: v for k, v in payload.items() if k in GenerationRequest.field_names() and k != "controlnets"}
-    for name in ("original_size", "crop_left_top"):  # JSON has no tuples
+    for name in TUPLE_FIELDS:  # JSON has no tuples
         if isinstance(fields.get(name), list):
             fields[name] = tuple(fields[name])
     for name in IMAGES:

@@ -35,6 +35,7 @@ from sdstudio.engine.sd.addons import AddOns
 from sdstudio.engine.sd.canvas import Canvas, InpaintSource, inpaint_source
 from sdstudio.engine.sd.capture import FrameCapture
 from sdstudio.engine.sd.control import ControlInput, LoadedControl, control_image, infotext_units, to_tensor
+from sdstudio.engine.sd.guidance import freeu, freeu_values, make_guide
 from sdstudio.engine.sd.handoff import batch_rows, handoff_start, schedule_timesteps
 from sdstudio.engine.sd.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.sd.loop import Plan, denoise
@@ -237,12 +238,14 @@ class Job:
             controls=inputs.controls,
             check=self.cancel.raise_if_cancelled if self.cancel else None,
             per_image=model.per_image,  # batch-invariant (rows.py): on CPU by default
+            guide=make_guide(req, model.unet),
         )
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),
                       capture])
         try:
-            latents = denoise(model.unet, scheduler, plan, hook)
+            with freeu(model.unet, freeu_values(req.freeu, model.family)):
+                latents = denoise(model.unet, scheduler, plan, hook)
         except StopEarly as stop:  # interrupt/skip: this batch ends as the model's current estimate
             latents = stop.latents
         captures = capture.render(self.vae, f) if capture else []

@@ -3,6 +3,7 @@
 Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s * (eps_c - eps_u), with the
 unconditional and conditional branches in one UNet batch; the unconditional one is skipped when s <= 1,
 as diffusers does. With several weighted positives (A1111's AND): eps_u + s * sum_j w_j (eps_j - eps_u).
+Add-ons that change how the branches combine (CFG-Zero*, APG, PAG) are a `Guide` on the plan (guidance.py).
 The scheduler (any diffusers scheduler) owns the update rule and the prediction type (epsilon,
 v-prediction); the loop only feeds it model outputs.
 """
@@ -21,8 +22,9 @@ from torch import Tensor
 
 from sdstudio.engine.hooks import StepHook, StepState
 from sdstudio.engine.sd.control import ControlInput, residuals
+from sdstudio.engine.sd.guidance import Guide
 from sdstudio.engine.sd.rows import per_image
-from sdstudio.prompts.conditioning import CondProvider
+from sdstudio.prompts.conditioning import CondProvider, GuidedConditioning
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Plan:
     controls: tuple[ControlInput, ...] = ()  # ControlNet units, residuals summed into every UNet call
     check: Callable[[], None] | None = None  # within a step (between units, images): raises to cancel
     per_image: bool = False  # call the UNet (and ControlNets) image by image: batch-invariant results (rows.py)
+    guide: Guide | None = None  # guidance add-ons (CFG-Zero*, APG, PAG; guidance.py); None: plain CFG
 
 
 @torch.inference_mode()
@@ -50,19 +53,17 @@ def denoise(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, h
     for i, t in enumerate(plan.timesteps):
         cond = plan.cond.at(i)
         k = len(cond.positives)
-        guided = plan.cfg_scale > 1.0 or k > 1  # one positive without guidance: no unconditional branch
-        x_in = scheduler.scale_model_input(torch.cat([x] * (k + 1)) if guided else x, t)  # ((k+1)B | B, C, h, w)
-        context = cond.cfg_batch if guided else cond.positive
-        model_in = x_in if plan.condition is None else \
-            torch.cat([x_in, plan.condition.repeat(k + 1 if guided else 1, 1, 1, 1)], dim=1)
-        images = batch if plan.per_image else 1
-        extra = residuals(plan.controls, x_in, t, cond, guided, batch, i, total, plan.check,
-                          images) if plan.controls else {}
-        out = per_image(at_timestep(unet, t), model_in, {**context.unet_kwargs(), **extra}, images, plan.check)
+        # one positive without guidance (and no add-on): no unconditional branch
+        guided = plan.cfg_scale > 1.0 or k > 1 or plan.guide is not None
+        evaluate = partial(model_output, unet, scheduler, plan, x, t, i, cond)
+        out, x_in = evaluate(guided)
         if guided:
             uncond, *texts = out.chunk(k + 1)
             delta = sum(w * (text - uncond) for w, text in zip(cond.weights, texts, strict=True))
-            out = uncond + plan.cfg_scale * delta
+            if plan.guide is None:
+                out = uncond + plan.cfg_scale * delta
+            else:  # the add-ons; PAG evaluates the conditional branch again, perturbed
+                out = plan.guide(uncond, delta, partial(first, evaluate, False))
             if plan.guidance_rescale > 0:
                 out = rescale_cfg(out, uncond + delta, plan.guidance_rescale)
         x = scheduler.step(out, t, x, **plan.step_kwargs, return_dict=False)[0]
@@ -72,6 +73,26 @@ def denoise(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, h
             x0 = partial(predict_x0, scheduler, out, x_in[:batch], t)
             hook(StepState(i, total, t, x, x0))
     return x
+
+
+def model_output(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, x: Tensor, t: Tensor, i: int,
+                 cond: GuidedConditioning, guided: bool) -> tuple[Tensor, Tensor]:
+    """The UNet's prediction for x at step i, ((k+1)B | B, C, h, w): the guidance batch (negative rows first)
+    when guided, else the first positive's; with the scaled input it saw."""
+    batch, k = x.shape[0], len(cond.positives)
+    x_in = scheduler.scale_model_input(torch.cat([x] * (k + 1)) if guided else x, t)  # ((k+1)B | B, C, h, w)
+    context = cond.cfg_batch if guided else cond.positive
+    model_in = x_in if plan.condition is None else \
+        torch.cat([x_in, plan.condition.repeat(k + 1 if guided else 1, 1, 1, 1)], dim=1)
+    images = batch if plan.per_image else 1
+    extra = residuals(plan.controls, x_in, t, cond, guided, batch, i, len(plan.timesteps), plan.check,
+                      images) if plan.controls else {}
+    return per_image(at_timestep(unet, t), model_in, {**context.unet_kwargs(), **extra}, images, plan.check), x_in
+
+
+def first(evaluate: Callable[[bool], tuple[Tensor, Tensor]], guided: bool) -> Tensor:
+    """The prediction of model_output, without the input it saw."""
+    return evaluate(guided)[0]
 
 
 def at_timestep(unet: Callable[..., Any], t: Tensor) -> Callable[..., Tensor]:

@@ -17,6 +17,7 @@ from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
+from sdstudio.engine.sd.guidance import freeu_values
 from sdstudio.engine.sd.hires import check_hires_upscaler, output_pixels, requested_choice
 from sdstudio.engine.sd.hires_job import HiresJob
 from sdstudio.engine.sd.job import Job
@@ -127,6 +128,7 @@ class SdRunner:
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req = resolve_request(request, job.sampler, geometry, self.settings.limits, model.name)
+        req = req.replace(freeu=freeu_values(req.freeu, model.family) or False)  # true: the family's, recorded
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
         addons = self.addons.resolve(req.prompt, req.negative_prompt, model)

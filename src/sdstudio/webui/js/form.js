@@ -3,8 +3,10 @@ import { $, $$ } from "./dom.js";
 
 // inputs whose id is the request field's name
 const NUMBERS = ["steps", "cfg_scale", "seed", "batch_size", "n_iter", "strength", "clip_skip", "capture_every",
-  "subseed", "subseed_strength", "mask_blur", "only_masked_padding", "hr_scale", "hr_second_pass_steps"];
-const TEXTS = ["prompt", "negative_prompt", "sampler", "schedule", "masked_content", "inpaint_method", "hr_upscaler"];
+  "subseed", "subseed_strength", "mask_blur", "only_masked_padding", "hr_scale", "hr_second_pass_steps", "pag_scale",
+  "apg_eta", "apg_norm_threshold", "apg_momentum"];
+const TEXTS = ["prompt", "negative_prompt", "sampler", "schedule", "masked_content", "inpaint_method", "hr_upscaler",
+  "guidance"];
 const CHECKS = ["only_masked", "soft_inpainting", "keep_unmasked", "enable_hr"];
 const SIZES = ["width", "height"];
 export const MODES = ["txt2img", "img2img", "inpaint", "outpaint", "upscale"];
@@ -17,6 +19,8 @@ export function readFields(mode) {
   for (const name of NUMBERS) f[name] = Number(value(name));
   for (const name of CHECKS) f[name] = $(`#${name}`).checked;
   for (const name of SIZES) f[name] = value(name) === "" ? null : Number(value(name));
+  // FreeU: the family's published values, or the ones a loaded request brought
+  f.freeu = $("#freeu").checked ? (JSON.parse($("#freeu").dataset.values || "null") || true) : false;
   f.model = value("model") || null;
   f.vae = value("vae") || null;
   if (mode === "txt2img" && f.enable_hr) f.strength = Number(value("hr_strength"));  // the second pass's denoise
@@ -39,6 +43,10 @@ export function writeFields(fields) {
     input.value = fields[name] === null ? "" : fields[name];
   }
   for (const name of CHECKS) if (fields[name] !== undefined) $(`#${name}`).checked = !!fields[name];
+  if (fields.freeu !== undefined) {
+    $("#freeu").checked = !!fields.freeu;
+    $("#freeu").dataset.values = Array.isArray(fields.freeu) ? JSON.stringify(fields.freeu) : "";
+  }
   if (fields.enable_hr && fields.strength !== undefined) $("#hr_strength").value = fields.strength;
   for (const name of ["model", "vae"]) {
     if (fields[name] === undefined) continue;
