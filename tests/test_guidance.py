@@ -188,3 +188,17 @@ def test_json_lists_become_the_requests_tuples_and_bad_ones_are_refused():
             r = decode_request({"prompt": "a cat", **bad})
             check_types(r)
             check_fields(r, Limits())
+
+
+def test_cfg_pp_samplers_run_guide_with_a_twelfth_and_keep_their_names(engine):
+    from sdstudio.samplers import resolve_sampler
+
+    assert resolve_sampler("euler_ancestral_cfg_pp").sampler.name == "Euler a CFG++"  # ComfyUI's name
+    assert resolve_sampler("DDIM CFG++").schedule == "DDIM"  # A1111's DDIM CFG++: DDIM's timesteps
+    req = GenerationRequest(prompt="a red circle", steps=6, sampler="Euler CFG++", seed=2, cfg_scale=7.5)
+    result = engine.generate(req)
+    assert "Sampler: Euler CFG++" in result.images[0].infotext
+    assert not torch.equal(result.latents, engine.generate(req.replace(sampler="Euler")).latents)
+    with pytest.raises(RequestError, match="its own guidance rule") as caught:
+        engine.prepare(req.replace(guidance="apg"))
+    assert caught.value.field == "guidance"

@@ -172,6 +172,8 @@ def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, refere
         t = scheduler.table.sigma_to_t(sigma.reshape(1))
         eps = unet(torch.cat([x] * 2) / (sigma**2 + 1) ** 0.5, t, encoder_hidden_states=context).sample
         uncond, text = eps.chunk(2)
+        if spec.cfg_pp:  # [D, D_u] with lambda = CFG / 12.5 (ksteps.py)
+            return torch.stack([x - sigma * (uncond + CFG / 12.5 * (text - uncond)), x - sigma * uncond])
         return x - sigma * (uncond + CFG * (text - uncond))
 
     generator = torch.Generator("cpu").manual_seed(SEED)

@@ -131,6 +131,9 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     check_guidance(req)
     check_work(req, limits)
     choice = resolve_sampler(req.sampler, req.schedule)
+    if choice.sampler.cfg_pp and req.guidance != "cfg":
+        raise RequestError(f"{choice.sampler.name} is its own guidance rule; use guidance 'cfg' with it, or another "
+                           "sampler", "guidance")
     if req.zero_terminal_snr and not choice.supports_zero_snr:
         raise RequestError(f"zero_terminal_snr needs a sampler whose schedule can reach zero SNR; "
                            f"{choice.sampler.name!r} cannot. Use one of: {', '.join(zero_snr_samplers())}",

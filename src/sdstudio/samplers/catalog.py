@@ -3,8 +3,7 @@
 A (sampler, schedule type) pair runs as diffusers' own scheduler where diffusers has it (the sampler's
 `native` schedule types), else as our k-diffusion steps on A1111's sigma schedule (ksteps.py, sigmas.py,
 kscheduler.py). A1111's timestep samplers (DDIM, PLMS, UniPC) keep their own timesteps for the other schedule
-types, as A1111 does, and say so in the result's warnings. DPM adaptive and DDIM CFG++ are not available
-(docs/samplers.md).
+types, as A1111 does, and say so in the result's warnings. DPM adaptive is not available (docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ class SamplerSpec:
     ksampler: str | None = None
     discard_penultimate: bool = False
     own_steps: bool = False  # spaces its steps itself (DPM fast: evenly in log sigma between the model's ends)
+    cfg_pp: bool = False  # CFG++: re-noises along the unconditional prediction (ksteps.py)
 
     @property
     def schedules(self) -> tuple[str, ...]:
@@ -115,8 +115,18 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, _SPACING_SCHEDULES, AUTOMATIC, ("plms",)),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, _SIGMA_SCHEDULES, AUTOMATIC, ("unipc", "uni_pc")),
     SamplerSpec("LCM", "LCMScheduler", {}, _SPACING_SCHEDULES, AUTOMATIC, ("lcm", "k_lcm"), stochastic=True),
+    # CFG++ (ksteps.py): guidance lambda = cfg_scale / 12.5, as A1111's DDIM CFG++; ComfyUI's names as aliases
+    SamplerSpec("Euler CFG++", None, {}, (), "Uniform", ("euler_cfg_pp", "k_euler_cfg_pp"), ksampler="euler_cfg_pp",
+                cfg_pp=True),
+    SamplerSpec("Euler a CFG++", None, {}, (), "Uniform", ("euler_ancestral_cfg_pp", "k_euler_a_cfg_pp"),
+                stochastic=True, ksampler="euler_ancestral_cfg_pp", cfg_pp=True),
+    SamplerSpec("DPM++ 2M CFG++", None, {}, (), "Karras", ("dpmpp_2m_cfg_pp", "k_dpmpp_2m_cfg_pp"),
+                ksampler="dpmpp_2m_cfg_pp", cfg_pp=True),
+    SamplerSpec("DDIM CFG++", None, {}, (), "DDIM", ("ddim_cfgpp", "ddim_cfg_pp"), ksampler="euler_cfg_pp",
+                cfg_pp=True),
 )
-UNAVAILABLE = ("DPM adaptive", "DDIM CFG++")  # A1111's, not offered (docs/samplers.md)
+UNAVAILABLE = ("DPM adaptive",)  # A1111's, not offered (docs/samplers.md)
+CFG_PP_DIVISOR = 12.5  # CFG++ samplers guide with lambda = cfg_scale / 12.5 (A1111's DDIM CFG++)
 
 _BY_NAME: Mapping[str, SamplerSpec] = MappingProxyType(
     {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}

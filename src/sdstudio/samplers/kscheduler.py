@@ -12,7 +12,7 @@ txt2img starts at noise * s_0, img2img at x0 + noise * s_start.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from torch import Tensor
 
-from sdstudio.samplers.ksteps import KSAMPLERS, Steps
+from sdstudio.samplers.ksteps import CFG_PP, KSAMPLERS, Steps
 from sdstudio.samplers.sigmas import DiscreteSigmas, schedule_sigmas
 
 
@@ -42,6 +42,8 @@ class KScheduler:
         self._begin = 0                               # the step img2img and handoffs start from
         self._index = 0                               # the next evaluation
         self._run: Steps | None = None
+        self.cfg_pp = sampler in CFG_PP
+        self.uncond_output: Callable[[], Tensor] | None = None  # CFG++: the step's unconditional model output
 
     @property
     def init_noise_sigma(self) -> float:
@@ -63,12 +65,12 @@ class KScheduler:
         alone for every sampler here). A 2-stage sampler evaluates twice per step but once in the last
         (an Euler step to 0), so evaluation k belongs to step k // order."""
         run = self.run(torch.zeros(1), sigmas, lambda s, s_next: torch.zeros(1), **self.run_options(sigmas))
-        found = []
+        found, den = [], torch.zeros(2 if self.cfg_pp else 1, 1)
         try:
             x, sigma = next(run)
             while True:
                 found.append(sigma)
-                x, sigma = run.send((x, torch.zeros(1)))
+                x, sigma = run.send((x, den if self.cfg_pp else den[0]))
         except StopIteration:
             return [(k // self.order, sigma) for k, sigma in enumerate(found)]
 
@@ -97,6 +99,11 @@ class KScheduler:
              return_dict: bool = False) -> tuple[Tensor]:
         sigma = self._plan[self._index][1].to(sample.device)
         denoised = self._denoised(model_output.float(), sample.float(), sigma)
+        if self.cfg_pp:  # (2, B, C, h, w): the guided and the unconditional x0 estimates
+            if self.uncond_output is None:
+                raise RuntimeError("a CFG++ sampler needs the unconditional prediction (KScheduler.uncond_output)")
+            uncond = self._denoised(self.uncond_output().float(), sample.float(), sigma)
+            denoised = torch.stack([denoised, uncond])
         if self._run is None:
             sigmas = self.sigmas[self._begin:].to(sample.device)
             self._run = self.run(sample.float(), sigmas, self._noise(sample, sigmas, generator),

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.errors import RequestError
+from sdstudio.samplers.catalog import CFG_PP_DIVISOR
 
 GUIDANCE_KINDS = ("cfg", "cfg-zero*", "apg")
 PAG_LAYER_PREFIXES = {"mid": "mid_block."}  # and down.N / up.N -> down_blocks.N. / up_blocks.N. (_layer_prefix)
@@ -54,9 +55,13 @@ class Guide:
     apg_eta: float = 1.0
     apg_norm_threshold: float = 15.0
     apg_momentum: float = 0.0
+    keep_uncond: bool = False  # CFG++ samplers read the step's unconditional prediction (`last_uncond`)
+    last_uncond: Tensor | None = field(default=None, init=False, repr=False)
     _momentum: MomentumBuffer | None = field(default=None, init=False, repr=False)
 
     def __call__(self, uncond: Tensor, delta: Tensor, conditional: Callable[[], Tensor]) -> Tensor:
+        if self.keep_uncond:
+            self.last_uncond = uncond
         cond = uncond + delta
         if self.kind == "cfg-zero*":
             alpha = cfg_zero_star_scale(cond.flatten(1), uncond.flatten(1)).view(-1, *(1,) * (cond.ndim - 1))
@@ -184,10 +189,12 @@ def freeu(unet: nn.Module, values: tuple[float, float, float, float] | None) -> 
         unet.disable_freeu()
 
 
-def make_guide(req: GenerationRequest, unet: nn.Module) -> Guide | None:
-    """The request's add-ons as the loop's Guide; None for plain CFG."""
-    if req.guidance == "cfg" and req.pag_scale == 0:
+def make_guide(req: GenerationRequest, unet: nn.Module, cfg_pp: bool = False) -> Guide | None:
+    """The request's add-ons as the loop's Guide; None for plain CFG. cfg_pp: the sampler is a CFG++ one,
+    which guides with lambda = cfg_scale / 12.5 and reads the unconditional prediction."""
+    if req.guidance == "cfg" and req.pag_scale == 0 and not cfg_pp:
         return None
-    return Guide(float(req.cfg_scale), req.guidance, float(req.pag_scale),
+    scale = req.cfg_scale / CFG_PP_DIVISOR if cfg_pp else req.cfg_scale
+    return Guide(float(scale), req.guidance, float(req.pag_scale),
                  pag_modules(unet, req.pag_layers) if req.pag_scale > 0 else (), float(req.apg_eta),
-                 float(req.apg_norm_threshold), float(req.apg_momentum))
+                 float(req.apg_norm_threshold), float(req.apg_momentum), keep_uncond=cfg_pp)

@@ -226,6 +226,7 @@ class Job:
                 blend = soft_blend_fn(scheduler, timesteps, z0, noise, inpaint.strength)
             elif inpaint.condition is None or req.inpaint_method == "blend":
                 blend = blend_fn(scheduler, timesteps, z0, noise, inpaint.mask)
+        guide = make_guide(req, model.unet, self.choice.sampler.cfg_pp)
         plan = Plan(
             latents=start,
             timesteps=timesteps,
@@ -238,8 +239,10 @@ class Job:
             controls=inputs.controls,
             check=self.cancel.raise_if_cancelled if self.cancel else None,
             per_image=model.per_image,  # batch-invariant (rows.py): on CPU by default
-            guide=make_guide(req, model.unet),
+            guide=guide,
         )
+        if guide is not None and guide.keep_uncond:  # a CFG++ sampler re-noises along eps_u (ksteps.py)
+            scheduler.uncond_output = lambda: guide.last_uncond
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),
                       capture])
