@@ -16,7 +16,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from sdstudio.samplers import SAMPLERS, resolve_sampler
-from sdstudio.samplers.ksteps import CFG_PP, KSAMPLERS
+from sdstudio.samplers.cfgpp import CFG_PP
+from sdstudio.samplers.ksteps import KSAMPLERS
 from sdstudio.samplers.sigmas import AYS_SD15, AYS_SDXL, SCHEDULES, DiscreteSigmas, schedule_sigmas
 from sdstudio.testing.ksamplers import BETAS, MU, STD, STEPS, drive, gaussian_denoiser, noise_stream, start
 
@@ -24,7 +25,7 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "ksamplers.json").read_
 TABLE = DiscreteSigmas.from_alphas_cumprod(EulerDiscreteScheduler(**BETAS).alphas_cumprod)
 
 
-@pytest.mark.parametrize("sampler", sorted(set(KSAMPLERS) - CFG_PP))  # k-diffusion 0.1.1 has no CFG++
+@pytest.mark.parametrize("sampler", list(KSAMPLERS))
 def test_every_sampler_on_every_schedule_equals_k_diffusion(sampler):
     run = KSAMPLERS[sampler][0]
     for schedule in SCHEDULES:
@@ -47,7 +48,7 @@ def test_euler_cfg_pp_is_the_papers_ddim_cfg_pp_step():
     sigma_t, sigma_prev = ((1 - a_t) / a_t).sqrt(), ((1 - a_prev) / a_prev).sqrt()
     x = x_vp / a_t.sqrt()
     denoised = torch.stack([x - sigma_t * eps_l, x - sigma_t * eps_u])  # [D, D_u] as the scheduler sends them
-    steps = KSAMPLERS["euler_cfg_pp"][0](x, torch.stack([sigma_t, sigma_prev, torch.zeros(())]), None)
+    steps = CFG_PP["euler_cfg_pp"][0](x, torch.stack([sigma_t, sigma_prev, torch.zeros(())]), None)
     next(steps)
     x_next, _ = steps.send((x, denoised))
     torch.testing.assert_close(x_next * a_prev.sqrt(), expected, rtol=1e-12, atol=1e-12)
@@ -60,7 +61,7 @@ def test_cfg_pp_samplers_without_guidance_are_their_plain_samplers(cfg_pp, plain
     den = gaussian_denoiser(MU, STD)
     for schedule in ("Karras", "Uniform", "DDIM"):
         sigmas = schedule_sigmas(schedule, STEPS, TABLE)
-        ours = drive(KSAMPLERS[cfg_pp][0], start(sigmas), sigmas, lambda x, s: torch.stack([den(x, s)] * 2),
+        ours = drive(CFG_PP[cfg_pp][0], start(sigmas), sigmas, lambda x, s: torch.stack([den(x, s)] * 2),
                      noise_stream())
         expected = drive(KSAMPLERS[plain][0], start(sigmas), sigmas, den, noise_stream())
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5, msg=f"{cfg_pp} on {schedule}")

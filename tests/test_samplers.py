@@ -47,7 +47,8 @@ DOCUMENTED: dict[str, tuple[str, dict[str, Any], str, tuple[str, ...]]] = {
     "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False}, AUTOMATIC, SPACING),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}, AUTOMATIC, SPACING),
     "UniPC": ("UniPCMultistepScheduler", {}, AUTOMATIC, SIGMA),
-    "LCM": ("LCMScheduler", {}, AUTOMATIC, SPACING),
+    "LCM": ("LCMScheduler", {}, AUTOMATIC, ()),
+    "TCD": ("TCDScheduler", {}, AUTOMATIC, ()),
 }
 SCHEDULE_OVERRIDES: dict[str, dict[str, Any]] = {
     AUTOMATIC: {},
@@ -115,7 +116,7 @@ def test_every_sampler_and_schedule_matches_diffusers(engine, reference_pipe, sp
     size = result.latents.shape[-1] * reference_pipe.vae_scale_factor
     expected = reference_pipe(PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
                               height=size, width=size, generator=[torch.Generator("cpu").manual_seed(SEED)],
-                              output_type="latent").images
+                              output_type="latent", eta=0.3 if spec.name == "TCD" else 0.0).images  # TCD's gamma
     torch.testing.assert_close(result.latents, expected, **LATENT_TOL)
     record = result.images[0].record["sampler"]
     assert record["scheduler"] == spec.scheduler_class == class_name
@@ -123,15 +124,7 @@ def test_every_sampler_and_schedule_matches_diffusers(engine, reference_pipe, sp
     assert plain_config(record["config"]) == plain_config(scheduler_json(scheduler))
 
 
-def xfail_ignored_spacing(spec):
-    reason = {  # found by this test; an explicit schedule type must never be a silent no-op (docs/samplers.md)
-        "LCM": "LCMScheduler ignores timestep_spacing: Uniform and SGM Uniform are both its own schedule",
-    }.get(spec.name)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(spec, id=spec.name, marks=marks)
-
-
-@pytest.mark.parametrize("spec", [xfail_ignored_spacing(s) for s in SAMPLERS])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SAMPLERS])
 def test_each_schedule_type_changes_the_timesteps(engine, spec):
     """Schedule types the sampler runs give distinct timesteps: none is dropped or ignored. A1111's own
     definitions make two repeat others on a discrete model, checked in test_ksamplers.py: Polyexponential (rho 1)
@@ -156,6 +149,7 @@ def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, refere
     start noise * s_0, ancestral noise from the image's CPU generator, SDE noise from a Brownian tree."""
     from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
+    from sdstudio.samplers.cfgpp import CFG_PP
     from sdstudio.samplers.ksteps import KSAMPLERS
     from sdstudio.testing.ksamplers import drive
 
@@ -178,14 +172,15 @@ def test_pairs_diffusers_lacks_run_our_steps_on_the_engines_model(engine, refere
 
     generator = torch.Generator("cpu").manual_seed(SEED)
     x = torch.randn(tuple(result.latents.shape), generator=generator) * sigmas[0]
-    if KSAMPLERS[spec.ksampler][2]:
+    samplers = {**KSAMPLERS, **CFG_PP}
+    if samplers[spec.ksampler][2]:
         positive_sigmas = sigmas[sigmas > 0]
         tree = BrownianTreeNoiseSampler(x, positive_sigmas.min(), positive_sigmas.max(), seed=[SEED])
         noise = tree
     else:
         noise = lambda s, s_next: torch.randn(tuple(x.shape), generator=generator)  # noqa: E731
     with torch.inference_mode():
-        run = functools.partial(KSAMPLERS[spec.ksampler][0], **scheduler.run_options(sigmas))
+        run = functools.partial(samplers[spec.ksampler][0], **scheduler.run_options(sigmas))
         expected = drive(run, x, sigmas, denoiser, noise)
     torch.testing.assert_close(result.latents, expected, rtol=1e-4, atol=1e-4)
 

@@ -521,3 +521,18 @@ def test_guidance_add_ons_from_the_form_reach_the_image_and_come_back_from_histo
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.input_value("#guidance") == "apg" and page.is_checked("#freeu")  # the form kept them
+
+
+def test_a_few_step_preset_fills_the_sampling_fields(page):
+    page.select_option("#preset", "lcm")
+    assert (page.input_value("#sampler"), page.input_value("#steps"), page.input_value("#cfg_scale")) == \
+        ("LCM", "4", "1")
+    assert page.input_value("#preset") == ""  # a menu of actions, not a setting
+    fill_basics(page, "a red circle on a blue background", seed=4, steps=4)
+    page.click("#guidance-section summary")
+    page.fill("#eta", "0.4")
+    page.select_option("#sampler", "TCD")
+    page.click("#generate")
+    wait_for_result(page)
+    info = page.inner_text("#infotext")
+    assert "Sampler: TCD" in info and "Eta: 0.4" in info and "CFG scale: 1," in info

@@ -82,6 +82,7 @@ def generation_params(request: Mapping[str, Any], seed: int, model_hash: str, ve
         "Soft inpainting enabled": True if inpaint and r["soft_inpainting"] else None,
         "CFG Rescale phi": r["guidance_rescale"] or None,
         "Noise Schedule": "Zero Terminal SNR" if r["zero_terminal_snr"] else None,
+        "Eta": r.get("eta"),
         "ENSD": r["eta_noise_seed_delta"] if r.get("eta_noise_seed_delta") and _uses_ensd(r["sampler"]) else None,
         **hires_params(r),
         **guidance_params(r),
@@ -150,7 +151,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Denoising start": ("denoising_start", float), "Denoising end": ("denoising_end", float),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
-                   "ENSD": ("eta_noise_seed_delta", int)}
+                   "ENSD": ("eta_noise_seed_delta", int), "Eta DDIM": ("eta", float), "Eta": ("eta", float)}
     for key, (name, convert) in conversions.items():
         if key in p:
             try:

@@ -54,11 +54,14 @@ from sdstudio.cli.guidance import (
     ApgEta,
     ApgMomentum,
     ApgThreshold,
+    Eta,
     FreeU,
     Guidance,
     Pag,
     PagLayers,
+    PresetOpt,
     add_on_fields,
+    preset_base,
 )
 from sdstudio.cli.inpaint import inpaint, outpaint
 from sdstudio.cli.models import app as models_app
@@ -121,7 +124,7 @@ def txt2img(ctx: typer.Context,
             hr_upscaler: HrUpscaler = None, hr_steps: HrSteps = None, hr_denoise: HrDenoise = None,
             freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
             apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None,
-            controlnet: ControlNetOpt = None) -> None:
+            preset: PresetOpt = None, eta: Eta = None, controlnet: ControlNetOpt = None) -> None:
     """Generate images from a prompt."""
     if hires is None and any(v is not None for v in (hr_scale, hr_upscaler, hr_steps, hr_denoise)):
         hires = True  # an --hr-* option asks for the hires fix
@@ -133,8 +136,9 @@ def txt2img(ctx: typer.Context,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        enable_hr=hires, hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
                        strength=hr_denoise, **control_units(controlnet),
-                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),)
-    base = fields_from_image(from_image) if from_image else {}
+                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),
+                       eta=eta)
+    base = preset_base(preset, fields_from_image(from_image) if from_image else {})
     if not base.get("enable_hr"):
         base.pop("strength", None)  # an img2img's strength; with hires fix it is the second pass's
     run_request(ctx.obj, build_request(base, fields), out)
@@ -153,7 +157,8 @@ def img2img(ctx: typer.Context,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
             seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None,
             freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
-            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None) -> None:
+            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None,
+            preset: PresetOpt = None, eta: Eta = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
@@ -162,8 +167,9 @@ def img2img(ctx: typer.Context,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        **control_units(controlnet),
-                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),)
-    base = fields_from_image(from_image) if from_image else {}
+                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),
+                       eta=eta)
+    base = preset_base(preset, fields_from_image(from_image) if from_image else {})
     try:
         init = open_image(image)
     except SdStudioError as e:

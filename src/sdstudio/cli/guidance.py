@@ -1,5 +1,5 @@
 """The guidance add-on options of txt2img, img2img and inpaint (engine/sd/guidance.py): FreeU, PAG, CFG-Zero*,
-APG, as request fields."""
+APG, as request fields; and the few-step presets (engine/presets.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ PagLayers = Annotated[str | None, typer.Option("--pag-layers", help="UNet layers
                                                "space-separated. (default: mid)")]
 Guidance = Annotated[str | None, typer.Option("--guidance", help="How the prompt's predictions combine: cfg, "
                                               "cfg-zero* or apg. (default: cfg)")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Few-step defaults a distilled model or LoRA is "
+                                               "made for: lcm, turbo, lightning, hyper or tcd (sampler, schedule, "
+                                               "steps, CFG; options given win).")]
+Eta = Annotated[float | None, typer.Option("--eta", help="Noise re-added per step by DDIM (its eta) and TCD (its "
+                                           "gamma), 0-1. (default: DDIM 0, TCD 0.3)")]
 ApgEta = Annotated[float | None, typer.Option("--apg-eta", help="APG: weight of the guidance's part parallel to "
                                               "the prediction (0 keeps only the orthogonal part). (default: 1)")]
 ApgThreshold = Annotated[float | None, typer.Option("--apg-norm-threshold", help="APG: clip the guidance's norm to "
@@ -47,3 +52,14 @@ def freeu_option(text: str) -> bool | tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         fail(f"--freeu takes 'on' or four numbers b1,b2,s1,s2 (e.g. 1.5,1.6,0.9,0.2), got {text!r}")
+
+
+def preset_base(name: str | None, base: dict[str, Any]) -> dict[str, Any]:
+    """Fields read from an image (`base`) with a preset's on top; the command's own options go on top of these."""
+    from sdstudio.engine.presets import with_preset
+    from sdstudio.errors import RequestError
+
+    try:
+        return with_preset(name, base, {})
+    except RequestError as e:
+        fail(str(e))

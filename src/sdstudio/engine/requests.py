@@ -139,6 +139,7 @@ class GenerationRequest:
     guidance_rescale: float = 0.0    # rescale-CFG phi (Lin et al. 2023, sec. 3.4); 0 is plain CFG
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (ibid. sec. 3.1)
     eta_noise_seed_delta: int = 0    # A1111's ENSD: step noise of stochastic samplers from seed + this (0: seed's)
+    eta: float | None = None         # DDIM's eta, TCD's gamma: noise re-added per step (None: DDIM 0, TCD 0.3)
     # Guidance add-ons (engine/sd/guidance.py): how the predictions combine, PAG, FreeU
     guidance: str = "cfg"            # cfg | cfg-zero* (Fan et al. 2025) | apg (Sadat et al. 2024)
     apg_eta: float = 1.0             # APG: weight of the guidance's part parallel to the prediction

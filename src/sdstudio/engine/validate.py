@@ -104,6 +104,8 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     for name in ("invert_mask", "only_masked", "keep_unmasked", "soft_inpainting", "zero_terminal_snr"):
         if not isinstance(getattr(req, name), bool):
             raise RequestError(f"{name} must be true or false, got {getattr(req, name)!r}", name)
+    if req.eta is not None and not 0.0 <= req.eta <= 1.0:  # the type: check_types
+        raise RequestError(f"eta must be between 0 and 1 (or null for the sampler's own), got {req.eta!r}", "eta")
     if not isinstance(req.guidance_rescale, int | float) or not 0.0 <= req.guidance_rescale <= 1.0:
         raise RequestError(f"guidance_rescale must be between 0 and 1, got {req.guidance_rescale!r}",
                            "guidance_rescale")

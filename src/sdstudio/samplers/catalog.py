@@ -68,7 +68,7 @@ class SamplerSpec:
     ksampler: str | None = None
     discard_penultimate: bool = False
     own_steps: bool = False  # spaces its steps itself (DPM fast: evenly in log sigma between the model's ends)
-    cfg_pp: bool = False  # CFG++: re-noises along the unconditional prediction (ksteps.py)
+    cfg_pp: bool = False  # CFG++: re-noises along the unconditional prediction (cfgpp.py)
 
     @property
     def schedules(self) -> tuple[str, ...]:
@@ -114,8 +114,10 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, _SPACING_SCHEDULES, AUTOMATIC, ("ddim",)),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, _SPACING_SCHEDULES, AUTOMATIC, ("plms",)),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, _SIGMA_SCHEDULES, AUTOMATIC, ("unipc", "uni_pc")),
-    SamplerSpec("LCM", "LCMScheduler", {}, _SPACING_SCHEDULES, AUTOMATIC, ("lcm", "k_lcm"), stochastic=True),
-    # CFG++ (ksteps.py): guidance lambda = cfg_scale / 12.5, as A1111's DDIM CFG++; ComfyUI's names as aliases
+    # LCM and TCD space their steps from their distillation's 50-step grid, whatever timestep_spacing says
+    SamplerSpec("LCM", "LCMScheduler", {}, (), AUTOMATIC, ("lcm", "k_lcm"), stochastic=True),
+    SamplerSpec("TCD", "TCDScheduler", {}, (), AUTOMATIC, ("tcd",), stochastic=True),
+    # CFG++ (cfgpp.py): guidance lambda = cfg_scale / 12.5, as A1111's DDIM CFG++; ComfyUI's names as aliases
     SamplerSpec("Euler CFG++", None, {}, (), "Uniform", ("euler_cfg_pp", "k_euler_cfg_pp"), ksampler="euler_cfg_pp",
                 cfg_pp=True),
     SamplerSpec("Euler a CFG++", None, {}, (), "Uniform", ("euler_ancestral_cfg_pp", "k_euler_a_cfg_pp"),

@@ -20,7 +20,8 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from torch import Tensor
 
-from sdstudio.samplers.ksteps import CFG_PP, KSAMPLERS, Steps
+from sdstudio.samplers.cfgpp import CFG_PP
+from sdstudio.samplers.ksteps import KSAMPLERS, Steps
 from sdstudio.samplers.sigmas import DiscreteSigmas, schedule_sigmas
 
 
@@ -31,7 +32,7 @@ class KScheduler:
                  xl: bool = False, discard_penultimate: bool = False):
         self.sampler, self.schedule, self.seeds, self.xl = sampler, schedule, list(seeds), xl
         self.discard_penultimate = discard_penultimate
-        self.run, self.order, self.brownian = KSAMPLERS[sampler]
+        self.run, self.order, self.brownian = {**KSAMPLERS, **CFG_PP}[sampler]
         base = EulerDiscreteScheduler.from_config(dict(model_config))  # the model's betas -> alphas_cumprod
         self.config = base.config
         self.alphas_cumprod = base.alphas_cumprod

@@ -22,6 +22,7 @@ from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are 
 from sdstudio.a1111.options import MODEL_HASH_DIGITS, model_title
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.pipelines.upscale import is_x4_folder, latent_upscale_modes
+from sdstudio.engine.presets import PRESETS
 from sdstudio.engine.record import read_fields
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
 from sdstudio.engine.sd.control import preprocess_control
@@ -149,6 +150,7 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "preprocessors": list(ALL_PREPROCESSORS),
         "samplers": [spec.name for spec in SAMPLERS],
         "schedules": list(SCHEDULE_TYPES),
+        "presets": {name: {"fields": p.fields(), "made_for": p.made_for} for name, p in PRESETS.items()},
         "upscalers": [u.name for u in engine.upscalers.available()],
         "latent_upscale_modes": latent_upscale_modes(),
         "inpaint_methods": list(INPAINT_METHODS),

@@ -235,13 +235,13 @@ class Job:
             guidance_rescale=float(req.guidance_rescale),
             condition=condition,
             blend=blend,
-            step_kwargs=step_kwargs(scheduler, step_generators(seeds, generators, req.eta_noise_seed_delta)),
+            step_kwargs=step_kwargs(scheduler, step_generators(seeds, generators, req.eta_noise_seed_delta), req.eta),
             controls=inputs.controls,
             check=self.cancel.raise_if_cancelled if self.cancel else None,
             per_image=model.per_image,  # batch-invariant (rows.py): on CPU by default
             guide=guide,
         )
-        if guide is not None and guide.keep_uncond:  # a CFG++ sampler re-noises along eps_u (ksteps.py)
+        if guide is not None and guide.keep_uncond:  # a CFG++ sampler re-noises along eps_u (samplers/cfgpp.py)
             scheduler.uncond_output = lambda: guide.last_uncond
         capture = FrameCapture(req.capture_every) if req.capture_every else None
         hook = chain([self.cancel.hook if self.cancel else None, self.progress_hook(iteration, len(timesteps)),

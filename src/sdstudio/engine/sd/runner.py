@@ -13,6 +13,7 @@ from typing import TypeVar
 from sdstudio import __version__
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.prepared import PreparedJob
+from sdstudio.engine.presets import preset_hints
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
@@ -125,6 +126,8 @@ class SdRunner:
         request, warnings = inpaint_checks(job.request, model)
         second = requested_choice(job.request) if job.request.hires is not None else None
         warnings += [c.note for c in (job.sampler, second) if c is not None and c.note]
+        loras = [n.items[0] for n in split_networks(request.prompt).networks if n.kind in ("lora", "lyco") and n.items]
+        warnings += preset_hints([model.name, *loras], request.sampler, request.steps, request.cfg_scale)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req = resolve_request(request, job.sampler, geometry, self.settings.limits, model.name)

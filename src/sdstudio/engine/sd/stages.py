@@ -64,14 +64,15 @@ def start_latents(scheduler: Any, noise: Tensor, timesteps: Tensor, init: Tensor
     return scheduler.add_noise(init, noise, timesteps[:1].repeat(noise.shape[0]))
 
 
-def step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
-    """Extra arguments for scheduler.step: per-image generators where it draws noise; DDIM eta = 0."""
+def step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float | None = None) -> dict[str, Any]:
+    """Extra arguments for scheduler.step: per-image generators where it draws noise; `eta` where it takes one
+    (DDIM's eta, TCD's gamma), None giving the scheduler's default (DDIM 0, TCD 0.3)."""
     params = inspect.signature(scheduler.step).parameters
     kwargs: dict[str, Any] = {}
     if "generator" in params:
         kwargs["generator"] = generators
     if "eta" in params:
-        kwargs["eta"] = 0.0
+        kwargs["eta"] = float(params["eta"].default if eta is None else eta)
     return kwargs
 
 

@@ -27,6 +27,7 @@ function fillPickers(catalog, networks) {
   fillSelect($("#inpaint_method"), catalog.inpaint_methods, d.inpaint_method);
   fillSelect($("#hr_upscaler"), [...catalog.latent_upscale_modes, ...catalog.upscalers], d.hr_upscaler);
   fillSelect($("#up-upscaler"), catalog.upscalers, "Lanczos");
+  for (const [name, p] of Object.entries(catalog.presets)) $("#preset").append(new Option(`${name}: ${p.made_for}`, name));
   for (const name of ["steps", "cfg_scale", "strength", "mask_blur", "only_masked_padding"]) {
     if (d[name] !== undefined) $(`#${name}`).value = d[name];
   }

@@ -8,7 +8,7 @@ const NUMBERS = ["steps", "cfg_scale", "seed", "batch_size", "n_iter", "strength
 const TEXTS = ["prompt", "negative_prompt", "sampler", "schedule", "masked_content", "inpaint_method", "hr_upscaler",
   "guidance"];
 const CHECKS = ["only_masked", "soft_inpainting", "keep_unmasked", "enable_hr"];
-const SIZES = ["width", "height"];
+const OPTIONAL_NUMBERS = ["width", "height", "eta"];  // empty: null (the model's size, the sampler's eta)
 export const MODES = ["txt2img", "img2img", "inpaint", "outpaint", "upscale"];
 
 const value = (id) => $(`#${id}`).value;
@@ -18,7 +18,7 @@ export function readFields(mode) {
   for (const name of TEXTS) f[name] = value(name);
   for (const name of NUMBERS) f[name] = Number(value(name));
   for (const name of CHECKS) f[name] = $(`#${name}`).checked;
-  for (const name of SIZES) f[name] = value(name) === "" ? null : Number(value(name));
+  for (const name of OPTIONAL_NUMBERS) f[name] = value(name) === "" ? null : Number(value(name));
   // FreeU: the family's published values, or the ones a loaded request brought
   f.freeu = $("#freeu").checked ? (JSON.parse($("#freeu").dataset.values || "null") || true) : false;
   f.model = value("model") || null;
@@ -34,7 +34,7 @@ export function readFields(mode) {
 
 // Put request fields (from history, PNG info or a result) into the form; unknown fields are ignored.
 export function writeFields(fields) {
-  for (const name of [...TEXTS, ...NUMBERS, ...SIZES]) {
+  for (const name of [...TEXTS, ...NUMBERS, ...OPTIONAL_NUMBERS]) {
     if (fields[name] === undefined) continue;
     const input = $(`#${name}`);
     if (input.tagName === "SELECT" && fields[name] !== null && ![...input.options].some((o) => o.value === String(fields[name]))) {

@@ -58,6 +58,11 @@ export class Studio {
     for (const button of document.querySelectorAll(".modes button")) {
       button.addEventListener("click", () => this.setMode(button.dataset.mode));
     }
+    $("#preset").addEventListener("change", (e) => {  // a few-step preset fills sampler, schedule, steps and CFG
+      const chosen = this.catalog.presets[e.target.value];
+      if (chosen) { writeFields(chosen.fields); this.saveForm(); }
+      e.target.value = "";
+    });
     $("#aspect").addEventListener("change", (e) => { applyAspect(e.target.value, this.nativeSize()); e.target.value = ""; });
     $("#seed-random").addEventListener("click", () => { $("#seed").value = -1; });
     $("#seed-reuse").addEventListener("click", () => {
