@@ -84,6 +84,7 @@ class Settings:
     compile: str = "none"            # none | unet | unet+vae: torch.compile, for long sessions (models/load/speed.py)
     compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
     batch_invariant: str = "auto"    # auto (CPU) | on | off: each image computed alone, the same in any batch
+    tiny_vae_previews: bool = True   # live previews decoded by the model's tiny VAE (TAESD) when there is one
     models_in_memory: int = 1        # loaded models kept (LRU) ...
     memory_budget_gb: float | None = None  # ... and at most this many GB of weights
     limits: Limits = Limits()

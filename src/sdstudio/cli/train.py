@@ -62,6 +62,25 @@ def vae(data: Data, out: Out, arch: Annotated[str, typer.Option(help="demo or ti
     _train(lambda p: train_vae(cfg, p, resume), steps)
 
 
+@app.command("tiny-vae")
+def tiny_vae(teacher: Annotated[str, typer.Argument(help="The VAE to distil: a model name or folder (its vae/ is "
+                                                         "used) or a VAE folder.")],
+             out: Out, data: Annotated[str, typer.Option(help="Images to learn on: a caption folder, or 'shapes'.")]
+             = "shapes", channels: Annotated[int, typer.Option(help="Width of every block (TAESD's: 64).")] = 32,
+             resolution: Resolution = 64, batch_size: Annotated[int, typer.Option()] = 32, steps: Steps = 3000,
+             lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-3,
+             seed: Seed = 0, save_every: SaveEvery = 500, save_dtype: SaveDtype = "float16",
+             resume: Resume = False) -> None:
+    """Distil a VAE into a tiny one (TAESD's architecture) for live previews and fast decoding."""
+    from sdstudio.train.tiny_vae import TinyVaeTrainConfig, train_tiny_vae
+
+    folder = Path(_model(teacher) or teacher)
+    cfg = TinyVaeTrainConfig(teacher=str(folder / "vae" if (folder / "vae").is_dir() else folder), out=out,
+                             data=data, channels=channels, resolution=resolution, batch_size=batch_size,
+                             steps=steps, lr=lr, seed=seed, save_every=save_every, save_dtype=save_dtype)
+    _train(lambda p: train_tiny_vae(cfg, p, resume), steps)
+
+
 @app.command("model")
 def model(data: Data, out: Out,
           vae: Annotated[str | None, typer.Option(help="A VAE or a model (name or folder) whose VAE to use; "

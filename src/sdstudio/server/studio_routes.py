@@ -37,6 +37,7 @@ from sdstudio.models.find.inventory import family_of
 from sdstudio.models.find.previews import preview_of
 from sdstudio.models.load import controlnet
 from sdstudio.models.load.families import FAMILY_INFO
+from sdstudio.models.load.tiny_vae import TINY_NAMES, tiny_vae_folder
 from sdstudio.models.load.vae import vae_files
 from sdstudio.pictures import decode_image, image_to_b64
 from sdstudio.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -141,7 +142,7 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
     return {
         "models": [model_entry(ref, hashes.get(str(ref.path.resolve()))) for ref in refs],
         "default_model": default_model(engine, refs),
-        "vaes": [p.name for p in vae_files(engine.folders.vae)],
+        "vaes": [p.name for p in vae_files(engine.folders.vae)] + tiny_vae_names(engine, refs),
         "loras": [p.stem for p in network_files(engine, "lora").values()],
         "embeddings": [p.stem for p in network_files(engine, "embedding").values()],
         "networks": [network_entry(kind, path) for kind in NETWORK_KINDS
@@ -160,6 +161,11 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "defaults": encode_request(GenerationRequest()),
         "control_defaults": {k: v for k, v in ControlUnit(model="").to_dict().items() if k != "model"},
     }
+
+
+def tiny_vae_names(engine: Engine, refs: list[ModelRef]) -> list[str]:
+    """The tiny VAE names (taesd, taesdxl) some listed model can use: its own, or one in the VAE folders."""
+    return [name for name in TINY_NAMES if any(tiny_vae_folder(name, ref.path, engine.folders.vae) for ref in refs)]
 
 
 NETWORK_KINDS = ("lora", "embedding")

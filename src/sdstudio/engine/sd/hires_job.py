@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderTiny
 from PIL import Image
 from torch import Tensor
 
@@ -47,7 +48,7 @@ class HiresJob:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
                  progress: ProgressCallback | None, cancel: CancelToken | None, vae: VaeChoice | None, addons: AddOns,
                  controls: Sequence[LoadedControl], annotators: Path | None, prompts: PromptPlan,
-                 second_addons: AddOns, second_prompts: PromptPlan):
+                 second_addons: AddOns, second_prompts: PromptPlan, preview_vae: AutoencoderTiny | None = None):
         assert req.hires is not None
         self.factor, self.upscaler = model.vae_scale_factor, req.hires.upscaler
         self.size = hires_size(req, self.factor)
@@ -59,9 +60,9 @@ class HiresJob:
         self.first_steps = evaluations(model, req, choice, has_init=False)
         total = self.first_steps + evaluations(model, hr_req, hr_choice, has_init=True)
         self.first = Job(model, req, choice, version, prompts, shifted(progress, 0, total), cancel, vae, addons,
-                         controls, annotators)
+                         controls, annotators, preview_vae)
         self.second = Job(model, hr_req, hr_choice, version, second_prompts, shifted(progress, self.first_steps, total),
-                          cancel, vae, second_addons, controls, annotators)
+                          cancel, vae, second_addons, controls, annotators, preview_vae)
         # what the model wears for the whole run: the first prompt's LoRAs and both prompts' embeddings
         known = {e.name for e in addons.embeddings}
         extra = tuple(e for e in second_addons.embeddings if e.name not in known)

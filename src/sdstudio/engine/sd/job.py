@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusers import AutoencoderTiny
+from PIL import Image
 from torch import Tensor
 
 from sdstudio.a1111 import infotext as a1111
@@ -39,7 +41,7 @@ from sdstudio.engine.sd.guidance import freeu, freeu_values, make_guide
 from sdstudio.engine.sd.handoff import batch_rows, handoff_start, schedule_timesteps
 from sdstudio.engine.sd.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
 from sdstudio.engine.sd.loop import Plan, denoise
-from sdstudio.engine.sd.preview import LatentRGB, fit_latent_rgb
+from sdstudio.engine.sd.preview import LatentRGB, TinyPreview, fit_latent_rgb
 from sdstudio.engine.sd.stages import (
     decode_latents,
     encode_image,
@@ -88,7 +90,8 @@ class Job:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
                  prompts: PromptPlan, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                  vae: VaeChoice | None = None, addons: AddOns | None = None,
-                 controls: Sequence[LoadedControl] = (), annotators: Path | None = None):
+                 controls: Sequence[LoadedControl] = (), annotators: Path | None = None,
+                 preview_vae: AutoencoderTiny | None = None):
         self.model, self.req, self.choice, self.version, self.prompts = model, req, choice, version, prompts
         self.controls = tuple(controls)  # one per req.controlnets unit
         self.annotators = annotators     # pose/depth preprocessor weights
@@ -96,6 +99,8 @@ class Job:
         self.addons = addons or AddOns(req.prompt, req.negative_prompt)
         self._cond: CondProvider | None = None  # built by the first batch, repeated for each
         self.vae = vae.vae if vae else model.vae
+        # live previews: a tiny VAE's decode when there is one (the chosen VAE may be it), else latent -> RGB
+        self.preview_vae = self.vae if isinstance(self.vae, AutoencoderTiny) else preview_vae
 
     def run(self, loop: LoopRunner | None = None) -> tuple[list[GeneratedImage], Tensor]:
         """Every batch through `loop` (default: this job's run_batch; hires fix: two passes), decoded and
@@ -261,9 +266,12 @@ class Job:
 
         def hook(state: StepState) -> None:
             first = state.latents[0]
-            callback(ProgressEvent(iteration, n_iter, state.step + 1, total, lambda: self.latent_rgb()(first)))
+            callback(ProgressEvent(iteration, n_iter, state.step + 1, total, lambda: self.previewer()(first)))
 
         return hook
+
+    def previewer(self) -> Callable[[Tensor], Image.Image]:
+        return TinyPreview(self.preview_vae) if self.preview_vae is not None else self.latent_rgb()
 
     def latent_rgb(self) -> LatentRGB:
         memo, key = self.model.memo, f"latent_rgb/{self.vae_choice.hash if self.vae_choice else 'own'}"

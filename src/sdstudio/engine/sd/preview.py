@@ -1,4 +1,5 @@
-"""Pictures of latents: a cheap latent-to-RGB approximation and the raw channels.
+"""Pictures of latents: a tiny VAE's decode (TinyPreview) when the model has one, else a cheap latent-to-RGB
+approximation; and the raw channels.
 
 The approximation is a per-model linear map rgb = W z + b (W: (3, C)), fitted by least squares on
 calibration images encoded by the model's own VAE; a latent cell covers factor x factor pixels, so the
@@ -9,6 +10,7 @@ target is the image average-pooled by the factor. It replaces a VAE decode for l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,19 @@ class LatentRGB:
         z = latents.detach().float().cpu()
         rgb = torch.einsum("rc,chw->rhw", self.weight, z) + self.bias[:, None, None]  # (3, h, w) in [-1, 1]
         return _to_image(rgb)
+
+
+@dataclass(frozen=True)
+class TinyPreview:
+    """A live preview decoded by a tiny VAE (TAESD; models/load/tiny_vae.py): the picture at full size."""
+
+    vae: Any  # AutoencoderTiny
+
+    @torch.inference_mode()
+    def __call__(self, latents: Tensor) -> Image.Image:
+        """One scaled latent (C, h, w) -> an (H, W) RGB image."""
+        z = latents[None].to(device=device_of(self.vae), dtype=self.vae.dtype)
+        return _to_image(self.vae.decode(z).sample[0].float().cpu())
 
 
 def calibration_images(size: int, count: int = 24, seed: int = 0) -> Tensor:

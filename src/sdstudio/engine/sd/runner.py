@@ -28,6 +28,7 @@ from sdstudio.errors import ModelError, RequestError, SdStudioError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.load.controlnet import ControlNetCache, find_controlnet
 from sdstudio.models.load.loader import LoadedModel, ModelManager
+from sdstudio.models.load.tiny_vae import preview_vae_folder
 from sdstudio.models.load.vae import VaeCache, find_vae
 from sdstudio.prompts.build import PromptPlan, plan_prompts
 from sdstudio.prompts.grammar_nodes import PromptSyntaxError
@@ -136,6 +137,8 @@ class SdRunner:
                  req.sampler, req.schedule, req.seed)
         addons = self.addons.resolve(req.prompt, req.negative_prompt, model)
         vae = self.vaes.get(job.vae, model) if job.vae else None
+        tiny = preview_vae_folder(model.ref.path, model.family, self.folders.vae)
+        preview = self.vaes.get(tiny, model).vae if tiny and self.settings.tiny_vae_previews else None
         controls = tuple(self.load_control(path, model) for path in job.controls)
         annotators = self.settings.home / "annotators"
         prompts = addons.expand(job.prompts)
@@ -143,10 +146,10 @@ class SdRunner:
             second = self.addons.resolve(req.hires.prompt or req.prompt,
                                          req.hires.negative_prompt or req.negative_prompt, model)
             run = HiresJob(model, req, job.sampler, __version__, progress, cancel, vae, addons, controls, annotators,
-                           prompts, second, second.expand(job.hires_prompts))
+                           prompts, second, second.expand(job.hires_prompts), preview)
         else:
             run = Job(model, req, job.sampler, __version__, prompts, progress, cancel, vae, addons, controls,
-                      annotators)
+                      annotators, preview)
         set_vae_tiling(run.vae, self.settings.vae_tiling, output_pixels(req, model.vae_scale_factor),
                        model.native_size, model.offload != "none")
         with run.addons.applied(model):

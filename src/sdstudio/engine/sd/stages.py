@@ -95,7 +95,10 @@ def encode_image(vae: Any, image: Image.Image, width: int, height: int, factor: 
 def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
     """(B, C, h, w) scaled posterior-mean latents of images (B, 3, H, W) in [-1, 1]."""
     pixels = pixels.to(device=device_of(vae), dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    encoded = vae.encode(pixels)
+    # AutoencoderKL: a posterior; AutoencoderTiny (TAESD): the latents themselves
+    mean = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+    return mean * vae.config.scaling_factor
 
 
 @torch.inference_mode()

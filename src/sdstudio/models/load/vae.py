@@ -1,9 +1,10 @@
 """Choosing a VAE per request, as A1111's SD VAE setting does.
 
 "auto" (or None): a VAE file beside the checkpoint named `<model>.vae.safetensors` (or .pt/.ckpt) if
-there is one, else the model's own; "none": the model's own; anything else: a VAE file by name (in the
-VAE folders) or path. VAE files come in the original layout (`encoder.down.0.block.0...`, sometimes
-prefixed `first_stage_model.`) or diffusers' (`encoder.down_blocks.0.resnets.0...`).
+there is one, else the model's own; "none": the model's own; "taesd"/"taesdxl": a tiny VAE (tiny_vae.py);
+anything else: a VAE file by name (in the VAE folders) or path. VAE files come in the original layout
+(`encoder.down.0.block.0...`, sometimes prefixed `first_stage_model.`) or diffusers'
+(`encoder.down_blocks.0.resnets.0...`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from sdstudio.errors import RequestError
@@ -26,10 +27,12 @@ from sdstudio.models.load.checkpoint_io import read_state_dict
 from sdstudio.models.load.loader import LoadedModel
 from sdstudio.models.load.memory import place, realign
 from sdstudio.models.load.parts import build_module
+from sdstudio.models.load.tiny_vae import TINY_NAMES, load_tiny_vae, tiny_vae_folder
 
 log = logging.getLogger(__name__)
 
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+TINY_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OWN = ("none", "automatic", "auto", "")
 
 
@@ -39,7 +42,7 @@ class VaeChoice:
 
     name: str       # file name, as A1111 writes `VAE: ...`
     hash: str       # A1111 `VAE hash`: first 10 hex of the file's sha256
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny
 
 
 def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path], names_only: bool = False) -> Path | None:
@@ -48,6 +51,12 @@ def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path], names
     key = (wanted or "auto").strip()
     if key.lower() in OWN:
         return _beside(model) if key.lower() in ("auto", "automatic", "") else None
+    if key.lower() in TINY_NAMES:  # a folder: the model's own tiny VAE, or one in the VAE folders
+        tiny = tiny_vae_folder(key.lower(), model.path, folders)
+        if tiny is None:
+            raise RequestError(f"unknown VAE {key!r}: no tiny VAE of that name for {model.name} (put a diffusers "
+                               f"AutoencoderTiny folder named {key.lower()} in a VAE folder)", "vae")
+        return tiny
     if not names_only and (path := Path(key).expanduser()).is_file():
         return path
     key = leaf(key) if names_only else key
@@ -102,9 +111,11 @@ class VaeCache:
                model.device, like.dtype, model.offload)
         if key not in self._loaded:
             log.info("loading VAE %s", path.name)
-            vae = load_vae_file(path, like)
+            tiny = path.is_dir()  # find_vae gives a folder only for a tiny VAE
+            vae = load_tiny_vae(path, like.dtype) if tiny else load_vae_file(path, like)
             place([vae], model.device, model.offload)
-            self._loaded[key] = VaeChoice(path.name, short_hash(self.hashes.file_sha256(path)), vae)
+            weights = path / TINY_WEIGHTS if tiny else path
+            self._loaded[key] = VaeChoice(path.name, short_hash(self.hashes.file_sha256(weights)), vae)
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(key)

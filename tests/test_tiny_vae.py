@@ -1,0 +1,80 @@
+"""Tiny VAEs (AutoencoderTiny, TAESD's architecture): chosen as the VAE by name, decoding live previews, and
+distilled from a model's VAE by our trainer; the bundled demo carries one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from safetensors import safe_open
+
+from sdstudio import Engine, GenerationRequest
+from sdstudio.errors import RequestError
+from sdstudio.train.tiny_vae import TinyVaeTrainConfig, new_tiny_vae, save_tiny_vae, train_tiny_vae
+from tests.conftest import make_settings, shapes_image
+from tests.test_parity import SEED, diffusers_pipe, generators
+
+
+@pytest.fixture(scope="module")
+def with_taesd(tmp_path_factory, tiny_model):
+    """A copy of the tiny model carrying its own tiny VAE (random weights) in taesd/."""
+    root = tmp_path_factory.mktemp("taesd")
+    model = root / "tiny-taesd"
+    shutil.copytree(tiny_model, model)
+    torch.manual_seed(5)
+    save_tiny_vae(new_tiny_vae(16, 4, 4), model / "taesd")  # 4 levels: the tiny VAE's factor 8
+    return Engine(make_settings(root / "home", root, default_model=str(model)))
+
+
+def test_vae_taesd_decodes_as_diffusers_with_autoencoder_tiny(with_taesd):
+    req = GenerationRequest(prompt="a red circle", steps=4, sampler="Euler", seed=SEED, batch_size=2, vae="taesd")
+    result = with_taesd.generate(req)
+    assert "VAE: taesd" in result.images[0].infotext
+    model = with_taesd.load()
+    pipe = diffusers_pipe(StableDiffusionPipeline, model, result.images[0].record["sampler"]["config"])
+    pipe.vae = AutoencoderTiny.from_pretrained(model.ref.path / "taesd")
+    ref = pipe(prompt=req.prompt, num_inference_steps=4, guidance_scale=7.0, height=64, width=64,
+               num_images_per_prompt=2, generator=generators(2), output_type="pil").images
+    for ours, theirs in zip(result.images, ref, strict=True):
+        assert np.abs(np.asarray(ours.image, int) - np.asarray(theirs, int)).max() <= 1
+    full = with_taesd.generate(req.replace(vae=None))
+    assert torch.equal(full.latents, result.latents)  # the same denoising; only the decode differs
+    assert np.asarray(full.images[0].image).tolist() != np.asarray(result.images[0].image).tolist()
+
+
+def test_previews_are_decoded_by_the_tiny_vae_when_the_model_has_one(with_taesd, engine):
+    def preview_size(eng):
+        sizes = []
+        eng.generate(GenerationRequest(prompt="a red circle", steps=2, seed=1),
+                     progress=lambda event: sizes.append(event.preview().size))
+        return sizes[-1]
+
+    assert preview_size(with_taesd) == (64, 64)  # the image's size, decoded by TAESD
+    assert preview_size(engine) == (8, 8)        # one pixel per latent cell: the latent -> RGB approximation
+
+
+def test_img2img_encodes_with_the_tiny_vae_and_a_missing_one_is_named(with_taesd, engine):
+    req = GenerationRequest(prompt="a red circle", steps=4, seed=1, init_image=shapes_image(64), strength=0.5,
+                            vae="taesd")
+    assert with_taesd.generate(req).images[0].image.size == (64, 64)
+    with pytest.raises(RequestError, match="unknown VAE 'taesdxl': no tiny VAE of that name") as caught:
+        with_taesd.prepare(req.replace(vae="taesdxl"))
+    assert caught.value.field == "vae"
+
+
+def test_the_trainer_distils_a_vae_and_resumes(tiny_model, tmp_path):
+    cfg = TinyVaeTrainConfig(teacher=str(tiny_model / "vae"), out=tmp_path / "taesd", resolution=32, batch_size=4,
+                             steps=3, save_every=2, channels=8)
+    train_tiny_vae(cfg)
+    student = AutoencoderTiny.from_pretrained(tmp_path / "taesd")
+    with safe_open(tmp_path / "taesd" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert all(weights.get_tensor(k).dtype == torch.float16 for k in weights.keys())  # noqa: SIM118 (not a dict): saved in half
+    assert student.config.latent_channels == 4 and "block_out_channels" not in json.loads(
+        (tmp_path / "taesd" / "config.json").read_text())
+    longer = TinyVaeTrainConfig(**{**cfg.__dict__, "steps": 5})
+    train_tiny_vae(longer, resume=True)
+    assert (tmp_path / "taesd" / "diffusion_pytorch_model.safetensors").is_file()
