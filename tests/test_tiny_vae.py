@@ -78,3 +78,63 @@ def test_the_trainer_distils_a_vae_and_resumes(tiny_model, tmp_path):
     longer = TinyVaeTrainConfig(**{**cfg.__dict__, "steps": 5})
     train_tiny_vae(longer, resume=True)
     assert (tmp_path / "taesd" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def taesd_original(latent_channels: int = 4) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
+    """TAESD's original (encoder, decoder) module layout, as its taesd_encoder.pth/taesd_decoder.pth hold them:
+    three 2x stages of 64-wide residual blocks; the decoder starts with the parameter-free clamp."""
+    class Clamp(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x / 3) * 3
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            relu, c = torch.nn.ReLU, lambda: torch.nn.Conv2d(64, 64, 3, padding=1)
+            self.conv = torch.nn.Sequential(c(), relu(), c(), relu(), c())
+            self.skip, self.fuse = torch.nn.Identity(), relu()
+
+        def forward(self, x):
+            return self.fuse(self.conv(x) + self.skip(x))
+
+    def conv(n_in, n_out, **kw):
+        return torch.nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
+
+    def down():
+        return [conv(64, 64, stride=2, bias=False), Block(), Block(), Block()]
+
+    def up():
+        return [Block(), Block(), Block(), torch.nn.Upsample(scale_factor=2), conv(64, 64, bias=False)]
+
+    encoder = torch.nn.Sequential(conv(3, 64), Block(), *down(), *down(), *down(), conv(64, latent_channels))
+    decoder = torch.nn.Sequential(Clamp(), conv(latent_channels, 64), torch.nn.ReLU(), *up(), *up(), *up(), Block(),
+                                  conv(64, 3))
+    return encoder, decoder
+
+
+@pytest.mark.parametrize("with_encoder", [True, False])
+def test_a1111s_taesd_decoder_file_is_read_as_an_autoencoder_tiny(tmp_path, with_encoder):
+    from sdstudio.models.load.tiny_vae import find_tiny_vae, load_tiny_vae
+
+    torch.manual_seed(1)
+    encoder, decoder = taesd_original()
+    approx = tmp_path / "VAE-approx"
+    approx.mkdir()
+    torch.save(decoder.state_dict(), approx / "taesd_decoder.pth")
+    if with_encoder:
+        torch.save(encoder.state_dict(), approx / "taesd_encoder.pth")
+    found = find_tiny_vae("taesd", tmp_path / "model.safetensors", [], [approx])
+    assert found == approx / "taesd_decoder.pth"
+    tiny = load_tiny_vae(found, torch.float32)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.decode(z).sample, decoder(z) * 2 - 1)  # TAESD's [0, 1] -> [-1, 1]
+        if with_encoder:
+            x = torch.rand(1, 3, 64, 64)
+            torch.testing.assert_close(tiny.encode(x * 2 - 1).latents, encoder(x))
+    assert tiny.decodes_only is not with_encoder
+    if not with_encoder:
+        from sdstudio.engine.sd.stages import encode_pixels
+
+        with pytest.raises(RequestError, match=r"taesd_encoder\.pth"):
+            encode_pixels(tiny, torch.zeros(1, 3, 64, 64))

@@ -37,7 +37,7 @@ from sdstudio.models.find.inventory import family_of
 from sdstudio.models.find.previews import preview_of
 from sdstudio.models.load import controlnet
 from sdstudio.models.load.families import FAMILY_INFO
-from sdstudio.models.load.tiny_vae import TINY_NAMES, tiny_vae_folder
+from sdstudio.models.load.tiny_vae import TINY_NAMES, find_tiny_vae
 from sdstudio.models.load.vae import vae_files
 from sdstudio.pictures import decode_image, image_to_b64
 from sdstudio.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -165,7 +165,9 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
 
 def tiny_vae_names(engine: Engine, refs: list[ModelRef]) -> list[str]:
     """The tiny VAE names (taesd, taesdxl) some listed model can use: its own, or one in the VAE folders."""
-    return [name for name in TINY_NAMES if any(tiny_vae_folder(name, ref.path, engine.folders.vae) for ref in refs)]
+    folders = engine.folders
+    return [name for name in TINY_NAMES
+            if any(find_tiny_vae(name, ref.path, folders.vae, folders.vae_approx) for ref in refs)]
 
 
 NETWORK_KINDS = ("lora", "embedding")

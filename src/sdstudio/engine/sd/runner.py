@@ -28,7 +28,7 @@ from sdstudio.errors import ModelError, RequestError, SdStudioError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.load.controlnet import ControlNetCache, find_controlnet
 from sdstudio.models.load.loader import LoadedModel, ModelManager
-from sdstudio.models.load.tiny_vae import preview_vae_folder
+from sdstudio.models.load.tiny_vae import preview_tiny_vae
 from sdstudio.models.load.vae import VaeCache, find_vae
 from sdstudio.prompts.build import PromptPlan, plan_prompts
 from sdstudio.prompts.grammar_nodes import PromptSyntaxError
@@ -97,7 +97,8 @@ class SdRunner:
         controls = tuple(missing.check(lambda u=unit: find_controlnet(u.model, self.folders.controlnet, names_only))
                          for unit in request.controlnets)
         ref = ref or missing.check(lambda: self.resolve(request.model))  # unknown: listing close ones
-        vae = missing.check(lambda: find_vae(request.vae, ref, self.folders.vae, names_only)) if ref else None
+        vae = missing.check(lambda: find_vae(request.vae, ref, self.folders.vae, names_only,
+                                             self.folders.vae_approx)) if ref else None
         if request.hires is not None:
             missing.check(lambda: check_hires_upscaler(request.hires.upscaler))
         missing.raise_all()  # every missing model, LoRA, ControlNet, VAE and upscaler in one message
@@ -137,7 +138,7 @@ class SdRunner:
                  req.sampler, req.schedule, req.seed)
         addons = self.addons.resolve(req.prompt, req.negative_prompt, model)
         vae = self.vaes.get(job.vae, model) if job.vae else None
-        tiny = preview_vae_folder(model.ref.path, model.family, self.folders.vae)
+        tiny = preview_tiny_vae(model.ref.path, model.family, self.folders.vae, self.folders.vae_approx)
         preview = self.vaes.get(tiny, model).vae if tiny and self.settings.tiny_vae_previews else None
         controls = tuple(self.load_control(path, model) for path in job.controls)
         annotators = self.settings.home / "annotators"

@@ -18,6 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from torch import Tensor
 
+from sdstudio.errors import RequestError
 from sdstudio.models.load.memory import device_of
 
 
@@ -94,6 +95,9 @@ def encode_image(vae: Any, image: Image.Image, width: int, height: int, factor: 
 @torch.inference_mode()
 def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
     """(B, C, h, w) scaled posterior-mean latents of images (B, 3, H, W) in [-1, 1]."""
+    if getattr(vae, "decodes_only", False):  # a tiny VAE read from a decoder file alone (models/load/tiny_vae.py)
+        raise RequestError("this tiny VAE has only its decoder: img2img and inpainting need its encoder too "
+                           "(taesd_encoder.pth beside taesd_decoder.pth), or choose another VAE", "vae")
     pixels = pixels.to(device=device_of(vae), dtype=vae.dtype)
     encoded = vae.encode(pixels)
     # AutoencoderKL: a posterior; AutoencoderTiny (TAESD): the latents themselves

@@ -47,29 +47,34 @@ class ModelFolders:
     embeddings: tuple[Path, ...] = ()
     hf_cache: Path | None = None
     controlnet: tuple[Path, ...] = ()
+    vae_approx: tuple[Path, ...] = ()  # TAESD's original files (models/load/tiny_vae.py)
 
 
 def model_folders(settings: Settings) -> ModelFolders:
-    """Our folders first, then an A1111 install (models/Stable-diffusion, models/VAE, models/Lora,
-    embeddings/) and a ComfyUI install (models/checkpoints, models/vae, models/loras, models/embeddings)."""
+    """Our folders first, then an A1111 install (models/Stable-diffusion, models/VAE, models/VAE-approx,
+    models/Lora, embeddings/) and a ComfyUI install (models/checkpoints, models/vae, models/vae_approx,
+    models/loras, models/embeddings)."""
     a1111, comfy, home = settings.a1111_dir, settings.comfyui_dir, settings.home
     checkpoints = [("sdstudio", p) for p in settings.models_dirs]
     vae, lora, embeddings = [home / "vae"], [home / "lora"], [home / "embeddings"]
     controlnet = [home / "controlnet", *(d / "controlnet" for d in settings.models_dirs)]
+    approx = [home / "vae-approx"]
     if a1111:
         controlnet += [a1111 / "models" / "ControlNet", a1111 / "extensions" / "sd-webui-controlnet" / "models"]
         checkpoints.append(("a1111", a1111 / "models" / "Stable-diffusion"))
         vae.append(a1111 / "models" / "VAE")
+        approx.append(a1111 / "models" / "VAE-approx")
         lora += [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
         embeddings.append(a1111 / "embeddings")
     if comfy:
         checkpoints += [("comfyui", comfy / "models" / "checkpoints"), ("comfyui", comfy / "models" / "diffusers")]
         vae.append(comfy / "models" / "vae")
+        approx.append(comfy / "models" / "vae_approx")
         lora.append(comfy / "models" / "loras")
         embeddings.append(comfy / "models" / "embeddings")
         controlnet.append(comfy / "models" / "controlnet")
     return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache,
-                        tuple(controlnet))
+                        tuple(controlnet), tuple(approx))
 
 
 def model_name(path: Path) -> str:

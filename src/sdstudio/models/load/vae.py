@@ -27,12 +27,11 @@ from sdstudio.models.load.checkpoint_io import read_state_dict
 from sdstudio.models.load.loader import LoadedModel
 from sdstudio.models.load.memory import place, realign
 from sdstudio.models.load.parts import build_module
-from sdstudio.models.load.tiny_vae import TINY_NAMES, load_tiny_vae, tiny_vae_folder
+from sdstudio.models.load.tiny_vae import TINY_NAMES, find_tiny_vae, load_tiny_vae, weights_file
 
 log = logging.getLogger(__name__)
 
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-TINY_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OWN = ("none", "automatic", "auto", "")
 
 
@@ -45,17 +44,19 @@ class VaeChoice:
     vae: AutoencoderKL | AutoencoderTiny
 
 
-def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path], names_only: bool = False) -> Path | None:
+def find_vae(wanted: str | None, model: ModelRef, folders: Sequence[Path], names_only: bool = False,
+             approx: Sequence[Path] = ()) -> Path | None:
     """The VAE file a request asks for, or None for the model's own. names_only: never a path
-    (models/find/names.py)."""
+    (models/find/names.py). approx: the VAE-approx folders, where original tiny VAE files are kept."""
     key = (wanted or "auto").strip()
     if key.lower() in OWN:
         return _beside(model) if key.lower() in ("auto", "automatic", "") else None
     if key.lower() in TINY_NAMES:  # a folder: the model's own tiny VAE, or one in the VAE folders
-        tiny = tiny_vae_folder(key.lower(), model.path, folders)
+        tiny = find_tiny_vae(key.lower(), model.path, folders, approx)
         if tiny is None:
             raise RequestError(f"unknown VAE {key!r}: no tiny VAE of that name for {model.name} (put a diffusers "
-                               f"AutoencoderTiny folder named {key.lower()} in a VAE folder)", "vae")
+                               f"AutoencoderTiny folder named {key.lower()} in a VAE folder, or "
+                               f"{key.lower()}_decoder.pth in a VAE-approx folder)", "vae")
         return tiny
     if not names_only and (path := Path(key).expanduser()).is_file():
         return path
@@ -97,6 +98,11 @@ def load_vae_file(path: Path, like: AutoencoderKL) -> AutoencoderKL:
     return realign(vae.to(like.dtype).eval().requires_grad_(False))
 
 
+def is_tiny_path(path: Path) -> bool:
+    """find_vae gives a folder, or a `*_decoder` file, only for a tiny VAE."""
+    return path.is_dir() or path.stem.endswith("_decoder")
+
+
 class VaeCache:
     """The last few VAE files loaded, so switching back and forth does not reload them."""
 
@@ -111,11 +117,11 @@ class VaeCache:
                model.device, like.dtype, model.offload)
         if key not in self._loaded:
             log.info("loading VAE %s", path.name)
-            tiny = path.is_dir()  # find_vae gives a folder only for a tiny VAE
+            tiny = is_tiny_path(path)
             vae = load_tiny_vae(path, like.dtype) if tiny else load_vae_file(path, like)
             place([vae], model.device, model.offload)
-            weights = path / TINY_WEIGHTS if tiny else path
-            self._loaded[key] = VaeChoice(path.name, short_hash(self.hashes.file_sha256(weights)), vae)
+            name = path.name.split("_decoder")[0] if tiny else path.name  # taesd_decoder.pth is VAE "taesd"
+            self._loaded[key] = VaeChoice(name, short_hash(self.hashes.file_sha256(weights_file(path))), vae)
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(key)
