@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from sdstudio import __version__
+from sdstudio.cli import guidance as addon
 from sdstudio.cli.common import GlobalOptions, fail, quiet_libraries, settings_from
 from sdstudio.cli.control import ControlNetOpt, control_units
 from sdstudio.cli.generate import (
@@ -49,19 +50,6 @@ from sdstudio.cli.generate import (
     overrides,
     run_request,
     seed_resize,
-)
-from sdstudio.cli.guidance import (
-    ApgEta,
-    ApgMomentum,
-    ApgThreshold,
-    Eta,
-    FreeU,
-    Guidance,
-    Pag,
-    PagLayers,
-    PresetOpt,
-    add_on_fields,
-    preset_base,
 )
 from sdstudio.cli.inpaint import inpaint, outpaint
 from sdstudio.cli.models import app as models_app
@@ -122,9 +110,10 @@ def txt2img(ctx: typer.Context,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
             seed_resize_from: SeedResize = None, hires: Hires = None, hr_scale: HrScale = None,
             hr_upscaler: HrUpscaler = None, hr_steps: HrSteps = None, hr_denoise: HrDenoise = None,
-            freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
-            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None,
-            preset: PresetOpt = None, eta: Eta = None, controlnet: ControlNetOpt = None) -> None:
+            freeu: addon.FreeU = None, pag: addon.Pag = None, pag_layers: addon.PagLayers = None,
+            guidance: addon.Guidance = None, apg_eta: addon.ApgEta = None,
+            apg_norm_threshold: addon.ApgThreshold = None, apg_momentum: addon.ApgMomentum = None,
+            preset: addon.PresetOpt = None, eta: addon.Eta = None, controlnet: ControlNetOpt = None) -> None:
     """Generate images from a prompt."""
     if hires is None and any(v is not None for v in (hr_scale, hr_upscaler, hr_steps, hr_denoise)):
         hires = True  # an --hr-* option asks for the hires fix
@@ -136,9 +125,10 @@ def txt2img(ctx: typer.Context,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        enable_hr=hires, hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
                        strength=hr_denoise, **control_units(controlnet),
-                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),
+                       **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
+                                             apg_momentum),
                        eta=eta)
-    base = preset_base(preset, fields_from_image(from_image) if from_image else {})
+    base = addon.preset_base(preset, fields_from_image(from_image) if from_image else {})
     if not base.get("enable_hr"):
         base.pop("strength", None)  # an img2img's strength; with hires fix it is the second pass's
     run_request(ctx.obj, build_request(base, fields), out)
@@ -156,9 +146,10 @@ def img2img(ctx: typer.Context,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
             seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None,
-            freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None, guidance: Guidance = None,
-            apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None, apg_momentum: ApgMomentum = None,
-            preset: PresetOpt = None, eta: Eta = None) -> None:
+            freeu: addon.FreeU = None, pag: addon.Pag = None, pag_layers: addon.PagLayers = None,
+            guidance: addon.Guidance = None, apg_eta: addon.ApgEta = None,
+            apg_norm_threshold: addon.ApgThreshold = None, apg_momentum: addon.ApgMomentum = None,
+            preset: addon.PresetOpt = None, eta: addon.Eta = None) -> None:
     """Redraw an image guided by a prompt; low strength stays close to the input."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
                        sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
@@ -167,9 +158,10 @@ def img2img(ctx: typer.Context,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        **control_units(controlnet),
-                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),
+                       **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
+                                             apg_momentum),
                        eta=eta)
-    base = preset_base(preset, fields_from_image(from_image) if from_image else {})
+    base = addon.preset_base(preset, fields_from_image(from_image) if from_image else {})
     try:
         init = open_image(image)
     except SdStudioError as e:

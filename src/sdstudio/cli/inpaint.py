@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sdstudio.cli import guidance as addon
 from sdstudio.cli.common import fail
 from sdstudio.cli.control import ControlNetOpt, control_units
 from sdstudio.cli.generate import (
@@ -29,19 +30,6 @@ from sdstudio.cli.generate import (
     build_request,
     overrides,
     run_request,
-)
-from sdstudio.cli.guidance import (
-    ApgEta,
-    ApgMomentum,
-    ApgThreshold,
-    Eta,
-    FreeU,
-    Guidance,
-    Pag,
-    PagLayers,
-    PresetOpt,
-    add_on_fields,
-    preset_base,
 )
 from sdstudio.errors import SdStudioError
 from sdstudio.storage.images import open_image
@@ -77,9 +65,10 @@ def inpaint(ctx: typer.Context,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
-            vae: Vae = None, freeu: FreeU = None, pag: Pag = None, pag_layers: PagLayers = None,
-            guidance: Guidance = None, apg_eta: ApgEta = None, apg_norm_threshold: ApgThreshold = None,
-            apg_momentum: ApgMomentum = None, preset: PresetOpt = None, eta: Eta = None) -> None:
+            vae: Vae = None, freeu: addon.FreeU = None, pag: addon.Pag = None, pag_layers: addon.PagLayers = None,
+            guidance: addon.Guidance = None, apg_eta: addon.ApgEta = None,
+            apg_norm_threshold: addon.ApgThreshold = None, apg_momentum: addon.ApgMomentum = None,
+            preset: addon.PresetOpt = None, eta: addon.Eta = None) -> None:
     """Repaint the masked part of an image: inpainting checkpoints use the mask directly, ordinary ones keep
     the unmasked part at every step."""
     fields = overrides(prompt=prompt, negative_prompt=negative, model=model, steps=steps, cfg_scale=cfg,
@@ -89,10 +78,11 @@ def inpaint(ctx: typer.Context,
                        only_masked_padding=padding, keep_unmasked=keep_unmasked, soft_inpainting=soft,
                        inpaint_method=method, prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
                        **control_units(controlnet),
-                       **add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold, apg_momentum),
+                       **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
+                                             apg_momentum),
                        eta=eta)
     pictures = {"init_image": _open(image), "mask": _open(mask)}
-    run_request(ctx.obj, build_request(preset_base(preset, {}), {**fields, **pictures}), out)
+    run_request(ctx.obj, build_request(addon.preset_base(preset, {}), {**fields, **pictures}), out)
 
 
 def outpaint(ctx: typer.Context,

@@ -18,17 +18,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file
 
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import batch_indices, load_batch, open_data
-from sdstudio.train.loop import config_json, resume_point, run_steps
-from sdstudio.train.state import ProgressFn, save_state, state_dir
+from sdstudio.train.loop import Optimizer, config_json, resume_point, run_steps
+from sdstudio.train.state import ProgressFn, save_state
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -81,29 +77,18 @@ def train_tiny_vae(cfg: TinyVaeTrainConfig, progress: ProgressFn | None = None, 
     torch.manual_seed(cfg.seed)
     student = new_tiny_vae(cfg.channels, teacher.config.latent_channels, len(teacher.config.block_out_channels))
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
-    start = 0
-    if saved is not None:
-        student.load_state_dict(load_file(state_dir(cfg.out) / WEIGHTS))
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        start = saved["step"]
-        log.info("resuming %s at step %d", cfg.out, start)
+    opt = Optimizer(student.parameters(), cfg.lr, cfg.warmup, cfg.steps)
+    start = opt.resume(saved, student, cfg.out)
 
     def step(i: int) -> float:
         x, _ = load_batch(data, batch_indices(cfg.seed, i, cfg.batch_size, data.size), cfg.resolution)
         loss = tiny_vae_loss(student, teacher, x, cfg.latent_weight)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return opt.step(loss)
 
     def save(done: int) -> Path:
         export = copy.deepcopy(student).eval()
         save_tiny_vae(export.to(resolve_dtype(cfg.save_dtype, torch.device("cpu"))), cfg.out)
-        save_state(cfg.out, done, config_json(cfg), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        save_state(cfg.out, done, config_json(cfg), opt.state(),
                    lambda folder: student.save_pretrained(folder))
         return cfg.out
 

@@ -24,17 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file
 
 from sdstudio.settings import resolve_dtype
 from sdstudio.train.data import CaptionedImages, batch_indices, load_batch, open_data
-from sdstudio.train.loop import config_json, resume_point, run_steps
-from sdstudio.train.state import ProgressFn, save_state, state_dir, step_generator
+from sdstudio.train.loop import Optimizer, config_json, resume_point, run_steps
+from sdstudio.train.state import ProgressFn, save_state, step_generator
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # Four resolution levels as in SD (8 pixels per latent cell); channels kept small for CPU training.
 VAE_ARCHS = {
@@ -109,31 +105,20 @@ def train_vae(cfg: VaeTrainConfig, progress: ProgressFn | None = None, resume: b
     vae = AutoencoderKL.from_pretrained(cfg.base, torch_dtype=torch.float32, local_files_only=True) if cfg.base else \
         new_vae(cfg.arch, cfg.resolution)
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
-    start = 0
-    if saved is not None:
-        vae.load_state_dict(load_file(state_dir(cfg.out) / WEIGHTS))
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        start = saved["step"]
-        log.info("resuming %s at step %d", cfg.out, start)
+    opt = Optimizer(vae.parameters(), cfg.lr, cfg.warmup, cfg.steps)
+    start = opt.resume(saved, vae, cfg.out)
 
     def step(i: int) -> float:
         x, _ = load_batch(data, batch_indices(cfg.seed, i, cfg.batch_size, data.size), cfg.resolution)
         loss = vae_loss(vae, x, cfg, step_generator(cfg.seed, i))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return opt.step(loss)
 
     def save(done: int) -> Path:
         vae.eval()
         export = copy.deepcopy(vae)
         export.register_to_config(scaling_factor=latent_scaling_factor(vae, data, cfg))
         export.to(resolve_dtype(cfg.save_dtype, torch.device("cpu"))).save_pretrained(cfg.out)
-        save_state(cfg.out, done, config_json(cfg), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        save_state(cfg.out, done, config_json(cfg), opt.state(),
                    lambda folder: vae.save_pretrained(folder))
         vae.train()
         return cfg.out
