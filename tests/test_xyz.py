@@ -30,6 +30,9 @@ BASE = GenerationRequest(prompt="a red circle", negative_prompt="blurry", steps=
     ('sampler=Euler, "DPM++ 2M"', ("Euler", "DPM++ 2M")),
     ("size=64x96,128x64", ((64, 96), (128, 64))),
     ("Denoising=0.5,1", (0.5, 1.0)),
+    ("pag=0-4 (+2)", (0.0, 2.0, 4.0)),                 # the guidance add-ons
+    ("guidance=cfg,apg,cfg-zero*", ("cfg", "apg", "cfg-zero*")),
+    ("eta=0,0.3", (0.0, 0.3)),
 ])
 def test_axis_values(spec, values):
     assert parse_axis(spec, BASE).values == values

@@ -74,11 +74,14 @@ _KINDS = (
     AxisKind("model", "model", "str", "model name or path"),
     AxisKind("vae", "vae", "str", "VAE name or path"),
     AxisKind("guidance_rescale", "guidance_rescale", "float", "CFG rescale phi"),
+    AxisKind("guidance", "guidance", "str", "guidance rule: cfg, cfg-zero*, apg"),
+    AxisKind("pag_scale", "pag_scale", "float", "perturbed-attention guidance scale"),
+    AxisKind("eta", "eta", "float", "DDIM eta / TCD gamma"),
 )
 AXIS_KINDS: Mapping[str, AxisKind] = MappingProxyType({k.name: k for k in _KINDS})
 ALIASES: Mapping[str, str] = MappingProxyType({
     "cfg_scale": "cfg", "denoising": "strength", "checkpoint": "model", "var_seed": "subseed",
-    "var_strength": "subseed_strength", "schedule_type": "schedule", "prompt_s/r": "prompt_sr",
+    "var_strength": "subseed_strength", "schedule_type": "schedule", "prompt_s/r": "prompt_sr", "pag": "pag_scale",
 })
 
 
