@@ -36,7 +36,7 @@ from sdstudio.cli.generate import (
 from sdstudio.errors import SdStudioError
 
 AXES = ("seed, subseed, subseed_strength, steps, cfg, sampler, schedule, strength (denoising), clip_skip, "
-        "prompt_sr, width, height, size (WxH), model, vae, guidance_rescale")
+        "prompt_sr, width, height, size (WxH), model, vae, guidance_rescale, guidance, pag_scale (pag), eta")
 AXIS_HELP = (f"Axis 'name=v1,v2,...'; names: {AXES}. Numbers take ranges: 1-5, 1-10 (+2), 1-10 [4]. "
              "prompt_sr=a,b,c replaces 'a' in the prompt by each value.")
 
