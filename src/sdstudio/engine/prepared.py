@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdstudio.engine.requests import GenerationRequest
+from sdstudio.engine.sd.ip_adapter import FoundUnit
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.prompts.build import PromptPlan
 from sdstudio.samplers import SamplerChoice
@@ -30,3 +31,4 @@ class PreparedJob:
     prompts: PromptPlan | None = None
     hires_prompts: PromptPlan | None = None
     plain_prompts: tuple[str, str] | None = None
+    adapters: tuple[FoundUnit, ...] = ()  # one per IP-Adapter unit

@@ -59,6 +59,30 @@ class ControlUnit:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclass(frozen=True)
+class IpAdapterUnit:
+    """One IP-Adapter (image prompt; engine/sd/ip_adapter.py): its images steer the picture with `weight`
+    between the fractions `start` and `end` of the steps. encoder: the CLIP image encoder by name; empty: the
+    first installed one whose widths fit the adapter."""
+
+    model: str                      # an IP-Adapter file, by name (or path)
+    images: tuple[Image.Image, ...] = field(default=(), compare=False, repr=False)
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    encoder: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
+        out["images"] = [{"size": list(im.size), "sha256": image_sha256(im)} for im in self.images]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IpAdapterUnit:
+        names = {f.name for f in dataclasses.fields(cls)} - {"images"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 # fields that are tuples in the request and lists in JSON
 TUPLE_FIELDS = ("original_size", "crop_left_top", "pag_layers", "freeu")
 
@@ -155,6 +179,7 @@ class GenerationRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units, applied together
+    ip_adapters: tuple[IpAdapterUnit, ...] = ()  # image prompts, applied together
     hires: HiresFix | None = None  # a second, larger pass after the first (txt2img only)
     # Latent handoff (diffusers' SDXL base -> refiner; engine/sd/handoff.py): denoising_end stops the loop at that
     # fraction of the schedule and returns its latents; denoising_start resumes from `init_latents` there,
@@ -220,6 +245,7 @@ class GenerationRequest:
             for name in INPAINT_FIELDS:
                 out.pop(name)
         out["controlnets"] = [unit.to_dict() for unit in self.controlnets]
+        out["ip_adapters"] = [unit.to_dict() for unit in self.ip_adapters]
         return out
 
     @classmethod
@@ -237,6 +263,8 @@ class GenerationRequest:
                 fields[name] = tuple(fields[name])
         fields["controlnets"] = tuple(ControlUnit.from_dict(u) if isinstance(u, dict) else u
                                       for u in fields.get("controlnets", ()))
+        fields["ip_adapters"] = tuple(IpAdapterUnit.from_dict(u) if isinstance(u, dict) else u
+                                      for u in fields.get("ip_adapters", ()))
         return cls.from_flat(**fields)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
-from sdstudio.engine.requests import HIRES_KEYS, VARIATION_KEYS, ControlUnit, GenerationRequest
+from sdstudio.engine.requests import HIRES_KEYS, VARIATION_KEYS, ControlUnit, GenerationRequest, IpAdapterUnit
 from sdstudio.engine.sd.control import RESIZE_MODES
 from sdstudio.engine.sd.guidance import check_guidance
 from sdstudio.engine.sd.handoff import check_handoff, check_latent_channels, latents_size
@@ -38,6 +38,7 @@ class ModelGeometry:
 _NONE = type(None)
 _BREAK = re.compile(r"\bBREAK\b")
 MAX_CFG = 100.0  # classifier-free guidance scale; A1111's UI stops at 30
+MAX_IP_IMAGES = 4  # pictures per IP-Adapter unit: each is one CLIP encoder pass, and tokens in every attention
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepted, how messages say it)
     "str": ((str,), "text"), "str | None": ((str, _NONE), "text or null"),
     "int": ((int,), "a whole number"), "int | None": ((int, _NONE), "a whole number or null"),
@@ -127,6 +128,7 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
         if unit.image is None and req.init_image is None:
             raise RequestError("a ControlNet unit needs a control image (or an init image to take it from)",
                                "controlnets.image")
+    check_ip_adapters(req.ip_adapters, limits)
     check_pictures(req, limits)
     check_handoff(req)
     check_hires(req, limits)
@@ -224,8 +226,9 @@ def check_work(req: GenerationRequest, limits: Limits) -> None:
 def check_pictures(req: GenerationRequest, limits: Limits) -> None:
     """Init image, mask and control images within the upload pixel limit (the HTTP doors check it before
     decoding; this holds for the Python API too)."""
-    named = [("init_image", req.init_image), ("mask", req.mask), *(("controlnets.image", u.image)
-                                                                   for u in req.controlnets)]
+    named = [("init_image", req.init_image), ("mask", req.mask),
+             *(("controlnets.image", u.image) for u in req.controlnets),
+             *(("ip_adapters.images", im) for u in req.ip_adapters for im in u.images)]
     for name, picture in named:
         size = getattr(picture, "size", None)
         if size and size[0] * size[1] > limits.max_upload_pixels:
@@ -236,6 +239,29 @@ def check_pictures(req: GenerationRequest, limits: Limits) -> None:
         raise RequestError(f"init_image is {size[0]}x{size[1]}; with no width and height the output takes its size, "
                            f"which must be at least {limits.min_side} pixels a side: give width and height, or a "
                            "larger picture", "init_image")
+
+
+def check_ip_adapters(units: object, limits: Limits) -> None:
+    """IP-Adapter units: as many as ControlNet units may be, each with 1 to MAX_IP_IMAGES pictures."""
+    if not isinstance(units, tuple | list) or not all(isinstance(u, IpAdapterUnit) for u in units):
+        raise RequestError(f"ip_adapters must be a list of IP-Adapter units, got {units!r}", "ip_adapters")
+    if len(units) > limits.max_controlnet_units:
+        raise RequestError(f"{len(units)} IP-Adapter units; the limit is {limits.max_controlnet_units}",
+                           "ip_adapters")
+    for unit in units:
+        if not isinstance(unit.model, str) or not unit.model.strip() or not isinstance(unit.encoder, str):
+            raise RequestError("an IP-Adapter unit needs a model (an IP-Adapter file by name)", "ip_adapters.model")
+        pictures = unit.images if isinstance(unit.images, tuple | list) else ()
+        if not 1 <= len(pictures) <= MAX_IP_IMAGES or not all(isinstance(im, Image.Image) for im in pictures):
+            raise RequestError(f"an IP-Adapter unit needs 1 to {MAX_IP_IMAGES} pictures, got {unit.images!r}",
+                               "ip_adapters.images")
+        if not isinstance(unit.weight, int | float) or not 0.0 <= unit.weight <= 2.0:
+            raise RequestError(f"an IP-Adapter weight must be between 0 and 2, got {unit.weight!r}",
+                               "ip_adapters.weight")
+        ok = all(isinstance(v, int | float) for v in (unit.start, unit.end)) and 0.0 <= unit.start < unit.end <= 1.0
+        if not ok:
+            raise RequestError(f"IP-Adapter start and end must satisfy 0 <= start < end <= 1, got {unit.start!r} "
+                               f"and {unit.end!r}", "ip_adapters.start")
 
 
 def check_int(value: object, name: str, lo: int, hi: int) -> None:

@@ -1,8 +1,9 @@
 """Conditioning types consumed by the one denoising loop.
 
 SD1.x/SD2.x condition the UNet on CLIP hidden states (B, 77k, D); SDXL adds a pooled text embedding
-(B, 1280) and six micro-conditioning time ids (B, 6) through `added_cond_kwargs`. Conditioning may
-change per step (prompt editing, alternation): the loop asks a CondProvider for step i.
+(B, 1280) and six micro-conditioning time ids (B, 6) through `added_cond_kwargs`. IP-Adapter image prompts
+ride along as `added_cond_kwargs["image_embeds"]`, one tensor per adapter (engine/sd/ip_adapter.py).
+Conditioning may change per step (prompt editing, alternation): the loop asks a CondProvider for step i.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class TextConditioning:
     embeds: Tensor                 # (B, T, D) cross-attention context
     pooled: Tensor | None = None   # (B, P) SDXL pooled text embedding
     time_ids: Tensor | None = None  # (B, 6) SDXL original size, crop, target size; (B, 5) refiner
+    image_embeds: tuple[Tensor, ...] = ()  # per IP-Adapter: (B, n, D) or (B, n, tokens, D) for n images
 
     @property
     def batch_size(self) -> int:
@@ -28,16 +30,24 @@ class TextConditioning:
 
     def repeat(self, n: int) -> TextConditioning:
         """Each row repeated n times along the batch: (B, ...) -> (B*n, ...)."""
-        return TextConditioning(*(None if t is None else t.repeat_interleave(n, 0) for t in self._parts()))
+        return TextConditioning(*(None if t is None else t.repeat_interleave(n, 0) for t in self._parts()),
+                                tuple(t.repeat_interleave(n, 0) for t in self.image_embeds))
 
     def cat(self, other: TextConditioning) -> TextConditioning:
         return TextConditioning(*(None if a is None else torch.cat([a, b]) for a, b in
-                                  zip(self._parts(), other._parts(), strict=True)))
+                                  zip(self._parts(), other._parts(), strict=True)),
+                                tuple(torch.cat([a, b]) for a, b in zip(self.image_embeds, other.image_embeds,
+                                                                        strict=True)))
 
     def unet_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
+        added: dict[str, Any] = {}
         if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+            added = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        if self.image_embeds:
+            added["image_embeds"] = list(self.image_embeds)
+        if added:
+            kwargs["added_cond_kwargs"] = added
         return kwargs
 
     def _parts(self) -> tuple[Tensor | None, ...]:

@@ -135,6 +135,8 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
          "seed resize is not available for Kandinsky 2.2; set seed_resize_from_w and _h to 0"),
         ("controlnets", bool(getattr(req, "controlnets", ())), "ControlNet units are for Stable Diffusion; "
                                                                "Kandinsky 2.2 cannot use them: remove them"),
+        ("ip_adapters", bool(getattr(req, "ip_adapters", ())), "IP-Adapters are for Stable Diffusion; "
+                                                               "Kandinsky 2.2 cannot use them: remove them"),
         ("enable_hr", req.enable_hr is not False, "hires fix needs sdstudio's own loop; set enable_hr to false"),
         ("denoising_end", req.denoising_end is not None, "the latent handoff needs sdstudio's own loop; leave "
                                                          "denoising_end unset"),

@@ -30,6 +30,7 @@ from sdstudio.engine.sd.addons import AddOns
 from sdstudio.engine.sd.control import LoadedControl
 from sdstudio.engine.sd.handoff import schedule_timesteps
 from sdstudio.engine.sd.hires import hires_size, second_choice, second_request
+from sdstudio.engine.sd.ip_adapter import ImagePrompt
 from sdstudio.engine.sd.job import BatchOutput, Job, JobInputs
 from sdstudio.engine.sd.stages import decode_latents, encode_image, to_pil
 from sdstudio.errors import RequestError
@@ -48,7 +49,8 @@ class HiresJob:
     def __init__(self, model: LoadedModel, req: GenerationRequest, choice: SamplerChoice, version: str,
                  progress: ProgressCallback | None, cancel: CancelToken | None, vae: VaeChoice | None, addons: AddOns,
                  controls: Sequence[LoadedControl], annotators: Path | None, prompts: PromptPlan,
-                 second_addons: AddOns, second_prompts: PromptPlan, preview_vae: AutoencoderTiny | None = None):
+                 second_addons: AddOns, second_prompts: PromptPlan, preview_vae: AutoencoderTiny | None = None,
+                 image_prompts: tuple[ImagePrompt, ...] = ()):
         assert req.hires is not None
         self.factor, self.upscaler = model.vae_scale_factor, req.hires.upscaler
         self.size = hires_size(req, self.factor)
@@ -60,9 +62,9 @@ class HiresJob:
         self.first_steps = evaluations(model, req, choice, has_init=False)
         total = self.first_steps + evaluations(model, hr_req, hr_choice, has_init=True)
         self.first = Job(model, req, choice, version, prompts, shifted(progress, 0, total), cancel, vae, addons,
-                         controls, annotators, preview_vae)
+                         controls, annotators, preview_vae, image_prompts)
         self.second = Job(model, hr_req, hr_choice, version, second_prompts, shifted(progress, self.first_steps, total),
-                          cancel, vae, second_addons, controls, annotators, preview_vae)
+                          cancel, vae, second_addons, controls, annotators, preview_vae, image_prompts)
         # what the model wears for the whole run: the first prompt's LoRAs and both prompts' embeddings
         known = {e.name for e in addons.embeddings}
         extra = tuple(e for e in second_addons.embeddings if e.name not in known)

@@ -40,6 +40,7 @@ from sdstudio.engine.sd.control import ControlInput, LoadedControl, control_imag
 from sdstudio.engine.sd.guidance import freeu, freeu_values, make_guide
 from sdstudio.engine.sd.handoff import batch_rows, handoff_start, schedule_timesteps
 from sdstudio.engine.sd.inpaint import InpaintInputs, blend_fn, fill_masked, inpaint_inputs, masked_start, soft_blend_fn
+from sdstudio.engine.sd.ip_adapter import AdapterScales, ImagePrompt
 from sdstudio.engine.sd.loop import Plan, denoise
 from sdstudio.engine.sd.preview import LatentRGB, TinyPreview, fit_latent_rgb
 from sdstudio.engine.sd.stages import (
@@ -91,7 +92,8 @@ class Job:
                  prompts: PromptPlan, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                  vae: VaeChoice | None = None, addons: AddOns | None = None,
                  controls: Sequence[LoadedControl] = (), annotators: Path | None = None,
-                 preview_vae: AutoencoderTiny | None = None):
+                 preview_vae: AutoencoderTiny | None = None, image_prompts: tuple[ImagePrompt, ...] = ()):
+        self.image_prompts = image_prompts  # IP-Adapter units, encoded (ip_adapter.py)
         self.model, self.req, self.choice, self.version, self.prompts = model, req, choice, version, prompts
         self.controls = tuple(controls)  # one per req.controlnets unit
         self.annotators = annotators     # pose/depth preprocessor weights
@@ -124,7 +126,8 @@ class Job:
         ids = self.time_ids() if model.is_xl else (None, None)
 
         def finish(encoded: EncodedPrompt, negative: bool) -> TextConditioning:
-            return self.text_cond(encoded, ids[1] if negative else ids[0])
+            images = tuple(p.negative if negative else p.positive for p in self.image_prompts)
+            return self.text_cond(encoded, ids[1] if negative else ids[0], images)
 
         zero = model.is_xl and model.options.get("force_zeros_for_empty_prompt", True)
         return build_conditioning(self.prompts, req.steps, evaluations, self.prompt_encoder(), finish, zero)
@@ -146,11 +149,12 @@ class Job:
             self.model.memo[key] = make(self.model.text, req.clip_skip)
         return self.model.memo[key]
 
-    def text_cond(self, encoded: EncodedPrompt, time_ids: Tensor | None) -> TextConditioning:
+    def text_cond(self, encoded: EncodedPrompt, time_ids: Tensor | None,
+                  images: tuple[Tensor, ...] = ()) -> TextConditioning:
         def place(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(self.model.device, self.model.dtype)
 
-        return TextConditioning(place(encoded.embeds), place(encoded.pooled), place(time_ids))
+        return TextConditioning(place(encoded.embeds), place(encoded.pooled), place(time_ids), images)
 
     def time_ids(self) -> tuple[Tensor, Tensor]:
         """SDXL micro-conditioning rows for the positive and negative branch."""
@@ -245,6 +249,7 @@ class Job:
             check=self.cancel.raise_if_cancelled if self.cancel else None,
             per_image=model.per_image,  # batch-invariant (rows.py): on CPU by default
             guide=guide,
+            before_step=AdapterScales(model.unet, self.image_prompts) if self.image_prompts else None,
         )
         if guide is not None and guide.keep_uncond:  # a CFG++ sampler re-noises along eps_u (samplers/cfgpp.py)
             scheduler.uncond_output = lambda: guide.last_uncond

@@ -43,6 +43,7 @@ class Plan:
     check: Callable[[], None] | None = None  # within a step (between units, images): raises to cancel
     per_image: bool = False  # call the UNet (and ControlNets) image by image: batch-invariant results (rows.py)
     guide: Guide | None = None  # guidance add-ons (CFG-Zero*, APG, PAG; guidance.py); None: plain CFG
+    before_step: Callable[[int, int], None] | None = None  # (i, total): per-step UNet state (IP-Adapter scales)
 
 
 @torch.inference_mode()
@@ -51,6 +52,8 @@ def denoise(unet: UNet2DConditionModel, scheduler: SchedulerMixin, plan: Plan, h
     x = plan.latents
     batch, total = x.shape[0], len(plan.timesteps)
     for i, t in enumerate(plan.timesteps):
+        if plan.before_step is not None:
+            plan.before_step(i, total)
         cond = plan.cond.at(i)
         k = len(cond.positives)
         # one positive without guidance (and no add-on): no unconditional branch

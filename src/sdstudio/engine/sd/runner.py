@@ -21,6 +21,7 @@ from sdstudio.engine.sd.control import LoadedControl
 from sdstudio.engine.sd.guidance import freeu_values
 from sdstudio.engine.sd.hires import check_hires_upscaler, output_pixels, requested_choice
 from sdstudio.engine.sd.hires_job import HiresJob
+from sdstudio.engine.sd.ip_adapter import ImagePromptLibrary, adapters_installed
 from sdstudio.engine.sd.job import Job
 from sdstudio.engine.sd.stages import set_vae_tiling
 from sdstudio.engine.validate import ModelGeometry, check_fields, check_multiple, resolve_request
@@ -82,6 +83,7 @@ class SdRunner:
     def __post_init__(self) -> None:
         self.vaes = VaeCache(self.models.hashes)
         self.controlnets = ControlNetCache(self.models.hashes)
+        self.image_prompts = ImagePromptLibrary(self.folders, self.models.hashes)
 
     def owns(self, ref: ModelRef | None) -> bool:
         return True
@@ -96,6 +98,8 @@ class SdRunner:
         prompts = missing.check(lambda: self.prompt_schedule(*first, syntax))  # names its LoRAs
         controls = tuple(missing.check(lambda u=unit: find_controlnet(u.model, self.folders.controlnet, names_only))
                          for unit in request.controlnets)
+        adapters = tuple(missing.check(lambda u=unit: self.image_prompts.find(u, names_only))
+                         for unit in request.ip_adapters)
         ref = ref or missing.check(lambda: self.resolve(request.model))  # unknown: listing close ones
         vae = missing.check(lambda: find_vae(request.vae, ref, self.folders.vae, names_only,
                                              self.folders.vae_approx)) if ref else None
@@ -111,7 +115,7 @@ class SdRunner:
             except PromptSyntaxError as e:  # name the field the text came from
                 e.field = "hr_prompt" if e.prompt == second[0] else "hr_negative_prompt"
                 raise
-        return PreparedJob(request, self.name, ref, choice, vae, controls, prompts, hires)
+        return PreparedJob(request, self.name, ref, choice, vae, controls, prompts, hires, adapters=adapters)
 
     def prompt_schedule(self, prompt: str, negative: str, steps: int, syntax: str) -> PromptPlan:
         """The prompts parsed and scheduled once; the LoRAs they name must exist. A1111's parser removes
@@ -141,21 +145,25 @@ class SdRunner:
         tiny = preview_tiny_vae(model.ref.path, model.family, self.folders.vae, self.folders.vae_approx)
         preview = self.vaes.get(tiny, model).vae if tiny and self.settings.tiny_vae_previews else None
         controls = tuple(self.load_control(path, model) for path in job.controls)
+        if req.ip_adapters and model.offload == "sequential":
+            raise RequestError("IP-Adapters add layers to the UNet, which sequential offload streams from the CPU; "
+                               "use --offload model or none with them", "ip_adapters")
+        adapters, images = self.image_prompts.load(req.ip_adapters, job.adapters, model.device, model.dtype)
         annotators = self.settings.home / "annotators"
         prompts = addons.expand(job.prompts)
         if req.hires is not None:  # hires fix: a second pass after each batch, on the same model
             second = self.addons.resolve(req.hires.prompt or req.prompt,
                                          req.hires.negative_prompt or req.negative_prompt, model)
             run = HiresJob(model, req, job.sampler, __version__, progress, cancel, vae, addons, controls, annotators,
-                           prompts, second, second.expand(job.hires_prompts), preview)
+                           prompts, second, second.expand(job.hires_prompts), preview, images)
         else:
             run = Job(model, req, job.sampler, __version__, prompts, progress, cancel, vae, addons, controls,
-                      annotators, preview)
+                      annotators, preview, images)
         set_vae_tiling(run.vae, self.settings.vae_tiling, output_pixels(req, model.vae_scale_factor),
                        model.native_size, model.offload != "none")
-        with run.addons.applied(model):
-            images, latents = run.run()
-        return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
+        with run.addons.applied(model), adapters_installed(model.unet, adapters):
+            pictures, latents = run.run()
+        return GenerationResult(req, pictures, latents, time.perf_counter() - start, tuple(warnings))
 
     def load_control(self, path: Path, model: LoadedModel) -> LoadedControl:
         net = self.controlnets.get(path, model.unet, model.device, model.dtype)

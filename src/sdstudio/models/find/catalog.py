@@ -48,22 +48,29 @@ class ModelFolders:
     hf_cache: Path | None = None
     controlnet: tuple[Path, ...] = ()
     vae_approx: tuple[Path, ...] = ()  # TAESD's original files (models/load/tiny_vae.py)
+    ip_adapter: tuple[Path, ...] = ()  # IP-Adapter files (also found by name in the ControlNet folders)
+    clip_vision: tuple[Path, ...] = ()  # CLIP image encoders for IP-Adapters
 
 
 def model_folders(settings: Settings) -> ModelFolders:
     """Our folders first, then an A1111 install (models/Stable-diffusion, models/VAE, models/VAE-approx,
-    models/Lora, embeddings/) and a ComfyUI install (models/checkpoints, models/vae, models/vae_approx,
-    models/loras, models/embeddings)."""
+    models/Lora, embeddings/, the ControlNet extension's folders, which also hold its IP-Adapters and image
+    encoders) and a ComfyUI install (models/checkpoints, models/vae, models/vae_approx, models/loras,
+    models/embeddings, models/controlnet, models/ipadapter, models/clip_vision)."""
     a1111, comfy, home = settings.a1111_dir, settings.comfyui_dir, settings.home
     checkpoints = [("sdstudio", p) for p in settings.models_dirs]
     vae, lora, embeddings = [home / "vae"], [home / "lora"], [home / "embeddings"]
     controlnet = [home / "controlnet", *(d / "controlnet" for d in settings.models_dirs)]
     approx = [home / "vae-approx"]
+    ip_adapter, clip_vision = [home / "ipadapter"], [home / "clip_vision"]
     if a1111:
         controlnet += [a1111 / "models" / "ControlNet", a1111 / "extensions" / "sd-webui-controlnet" / "models"]
         checkpoints.append(("a1111", a1111 / "models" / "Stable-diffusion"))
         vae.append(a1111 / "models" / "VAE")
         approx.append(a1111 / "models" / "VAE-approx")
+        ip_adapter.append(a1111 / "models" / "ipadapter")
+        clip_vision += [a1111 / "models" / "clip_vision",
+                        a1111 / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "clip_vision"]
         lora += [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
         embeddings.append(a1111 / "embeddings")
     if comfy:
@@ -73,8 +80,10 @@ def model_folders(settings: Settings) -> ModelFolders:
         lora.append(comfy / "models" / "loras")
         embeddings.append(comfy / "models" / "embeddings")
         controlnet.append(comfy / "models" / "controlnet")
+        ip_adapter.append(comfy / "models" / "ipadapter")
+        clip_vision.append(comfy / "models" / "clip_vision")
     return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache,
-                        tuple(controlnet), tuple(approx))
+                        tuple(controlnet), tuple(approx), tuple(ip_adapter), tuple(clip_vision))
 
 
 def model_name(path: Path) -> str:

@@ -1,0 +1,181 @@
+"""IP-Adapter image prompts (engine/sd/ip_adapter.py): against diffusers' pipelines with `ip_adapter_image` on the
+same tiny components and random adapters written in the published layouts; weights and windows; restoring the UNet;
+finding files by name; the errors a user gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from sdstudio import Engine, GenerationRequest
+from sdstudio.engine.requests import HiresFix, IpAdapterUnit
+from sdstudio.engine.sd.ip_adapter import ClipProcessor, adapters_installed
+from sdstudio.errors import RequestError
+from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.load.ip_adapter import load_encoder, read_adapter
+from sdstudio.testing.ip_adapter import tiny_image_encoder, write_tiny_adapter
+from sdstudio.testing.tiny import build_tiny
+from tests.conftest import make_settings
+from tests.test_parity import SEED, assert_same, diffusers_pipe, generators
+from tests.test_sdxl import xl_pipe
+
+PROMPT = dict(prompt="a small red circle", negative_prompt="blurry", steps=5, cfg_scale=7.0, seed=SEED,
+              batch_size=2, sampler="Euler")
+IP_RTOL = 1e-5  # max |ours - diffusers| / max |diffusers| on final latents (image by image vs batched); ~3e-6
+ADAPTERS = {"plain": "ip-adapter_tiny.safetensors", "plus": "ip-adapter-plus_tiny.bin",
+            "full-face": "ip-adapter-full-face_tiny.safetensors"}
+
+
+def picture(colour: tuple[int, int, int] = (240, 200, 20)) -> Image.Image:
+    im = Image.new("RGB", (48, 40), (20, 120, 40))
+    ImageDraw.Draw(im).rectangle((8, 6, 30, 30), fill=colour)
+    return im
+
+
+def install_files(home, unet) -> None:
+    """Two encoders (one for plain and plus, one with ViT-H's 257 tokens for full-face) and three adapters."""
+    tiny_image_encoder(home / "clip_vision" / "vit-tiny", hidden=64, projection=32, heads=2)
+    tiny_image_encoder(home / "clip_vision" / "vit-257", hidden=48, projection=16, image_size=224, patch=14,
+                       heads=2, seed=1)
+    widths = {"plain": 32, "plus": 64, "full-face": 48}
+    for kind, name in ADAPTERS.items():
+        write_tiny_adapter(home / "ipadapter" / name, unet, kind, widths[kind], seed=len(kind))
+
+
+@pytest.fixture(scope="module")
+def ip(tmp_path_factory, tiny_model) -> Engine:
+    home = tmp_path_factory.mktemp("ip-home")
+    engine = Engine(make_settings(home, tiny_model.parent, default_model=str(tiny_model)))
+    install_files(home, engine.load().unet)
+    return engine
+
+
+def reference(engine: Engine, req: GenerationRequest, result, kind: str, scale: float, xl: bool = False):
+    """diffusers' pipeline with the same adapter, encoder and images, on the same model."""
+    model, home = engine.load(), engine.settings.home
+    adapter = read_adapter(home / "ipadapter" / ADAPTERS[kind], HashCache(home / "hashes.json"))
+    encoder = load_encoder(home / "clip_vision" / ("vit-257" if kind == "full-face" else "vit-tiny"))
+    size = encoder.config.image_size
+    if xl:
+        pipe = xl_pipe(model, result)
+    else:
+        pipe = diffusers_pipe(StableDiffusionPipeline, model, result.images[0].record["sampler"]["config"])
+    pipe.image_encoder = encoder
+    pipe.feature_extractor = ClipProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
+                  guidance_scale=req.cfg_scale, height=req.height or 64, width=req.width or 64,
+                  num_images_per_prompt=req.batch_size, ip_adapter_image=[list(req.ip_adapters[0].images)])
+    with adapters_installed(model.unet, [adapter]):
+        pipe.set_ip_adapter_scale(scale)
+        latents = pipe(**kwargs, generator=generators(req.batch_size), output_type="latent").images
+        images = pipe(**kwargs, generator=generators(req.batch_size), output_type="pil").images
+    return latents, images
+
+
+def assert_close(result, ref_latents, ref_images) -> None:
+    assert (result.latents - ref_latents).abs().max() <= IP_RTOL * ref_latents.abs().max()
+    assert_same(result.latents, [im.image for im in result.images], result.latents, ref_images)
+
+
+@pytest.mark.parametrize("kind", ["plain", "plus", "full-face"])
+def test_ip_adapter_matches_diffusers_ip_adapter_image(ip, kind):
+    unit = IpAdapterUnit(model=ADAPTERS[kind].split(".")[0], images=(picture(),), weight=0.8)
+    req = GenerationRequest(**PROMPT, ip_adapters=(unit,))
+    result = ip.generate(req)
+    ref_latents, ref_images = reference(ip, req, result, kind, 0.8)
+    assert_close(result, ref_latents, ref_images)
+    plain = ip.generate(req.replace(ip_adapters=()))
+    assert (plain.latents - result.latents).abs().max() > 1e-2  # the image prompt acted
+    assert result.images[0].record["request"]["ip_adapters"][0]["model"] == unit.model
+
+
+def test_the_unet_is_restored_and_weight_zero_is_no_adapter(ip):
+    before = ip.generate(GenerationRequest(**PROMPT))
+    unit = IpAdapterUnit(model="ip-adapter_tiny", images=(picture(),), weight=0.0)
+    off = ip.generate(GenerationRequest(**PROMPT, ip_adapters=(unit,)))
+    assert (off.latents - before.latents).abs().max() < 1e-5
+    with_adapter = ip.generate(GenerationRequest(**PROMPT, ip_adapters=(unit.__class__(unit.model, unit.images),)))
+    after = ip.generate(GenerationRequest(**PROMPT))
+    assert torch.equal(after.latents, before.latents)  # processors, projection and config flag all put back
+    assert not torch.equal(with_adapter.latents, before.latents)
+    assert ip.load().unet.encoder_hid_proj is None
+
+
+def test_two_adapters_several_images_and_a_window(ip):
+    red, blue = picture((230, 20, 20)), picture((20, 20, 230))
+    both = (IpAdapterUnit("ip-adapter_tiny", (red, blue), 0.7), IpAdapterUnit("ip-adapter-plus_tiny", (blue,), 0.5))
+    full = ip.generate(GenerationRequest(**PROMPT, ip_adapters=both))
+    early = ip.generate(GenerationRequest(**PROMPT, ip_adapters=(both[0], IpAdapterUnit(
+        "ip-adapter-plus_tiny", (blue,), 0.5, start=0.0, end=0.4))))
+    first_only = ip.generate(GenerationRequest(**PROMPT, ip_adapters=both[:1]))
+    for a, b in [(full, early), (early, first_only), (full, first_only)]:
+        assert (a.latents - b.latents).abs().max() > 1e-3
+    one_image = ip.generate(GenerationRequest(**PROMPT, ip_adapters=(IpAdapterUnit("ip-adapter_tiny", (red,), 0.7),)))
+    assert (one_image.latents - first_only.latents).abs().max() > 1e-3  # the second picture counts
+
+
+def test_ip_adapter_with_hires_and_inpainting(ip):
+    unit = IpAdapterUnit("ip-adapter_tiny", (picture(),))
+    hires = ip.generate(GenerationRequest(**{**PROMPT, "batch_size": 1}, ip_adapters=(unit,),
+                                          hires=HiresFix(scale=1.5, upscaler="Latent")))
+    assert hires.images[0].image.size == (96, 96)
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    inpaint = GenerationRequest(**{**PROMPT, "batch_size": 1}, init_image=picture().resize((64, 64)), mask=mask,
+                                strength=0.9)
+    with_unit = ip.generate(inpaint.replace(ip_adapters=(unit,)))
+    assert not torch.equal(with_unit.latents, ip.generate(inpaint).latents)
+
+
+def test_sdxl_ip_adapter_matches_diffusers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xl-ip")
+    build_tiny("sdxl", root / "tiny-xl", seed=3)
+    xl = Engine(make_settings(root / "home", root, default_model=str(root / "tiny-xl")))
+    install_files(root / "home", xl.load().unet)
+    unit = IpAdapterUnit("ip-adapter-plus_tiny", (picture(),), 0.6)
+    req = GenerationRequest(**{**PROMPT, "batch_size": 1}, width=64, height=64, ip_adapters=(unit,))
+    result = xl.generate(req)
+    ref_latents, ref_images = reference(xl, req, result, "plus", 0.6, xl=True)
+    assert_close(result, ref_latents, ref_images)
+
+
+def test_single_file_encoder_is_read_from_its_shapes(tmp_path):
+    model = tiny_image_encoder(hidden=128, projection=32, heads=2, seed=5)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "clip-tiny.safetensors")
+    loaded = load_encoder(tmp_path / "clip-tiny.safetensors")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixels).image_embeds, model(pixels).image_embeds, atol=1e-6)
+
+
+@pytest.mark.parametrize(("unit", "field", "message"), [
+    (IpAdapterUnit("ip-adapter_tiny"), "ip_adapters.images", "needs 1 to 4 pictures"),
+    (IpAdapterUnit("ip-adapter_tiny", (picture(),) * 5), "ip_adapters.images", "needs 1 to 4 pictures"),
+    (IpAdapterUnit("ip-adapter_tiny", (picture(),), weight=3), "ip_adapters.weight", "between 0 and 2"),
+    (IpAdapterUnit("ip-adapter_tiny", (picture(),), start=0.5, end=0.5), "ip_adapters.start", "start < end"),
+    (IpAdapterUnit("ip-adapter_nope", (picture(),)), "ip_adapters", "unknown IP-Adapter 'ip-adapter_nope'"),
+    (IpAdapterUnit("ip-adapter_tiny", (picture(),), encoder="vit-nope"), "ip_adapters", "unknown image encoder"),
+])
+def test_bad_units_are_refused_before_anything_runs(ip, unit, field, message):
+    with pytest.raises(RequestError, match=message) as e:
+        ip.prepare(GenerationRequest(**PROMPT, ip_adapters=(unit,)))
+    assert e.value.field == field
+
+
+def test_a_faceid_file_and_a_mismatched_encoder_say_what_to_do(ip, tmp_path):
+    home = ip.settings.home
+    faceid = {"image_proj.proj.0.weight": torch.zeros(8, 4), "image_proj.norm.weight": torch.ones(8),
+              "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8)}
+    from safetensors.torch import save_file
+
+    save_file(faceid, home / "ipadapter" / "ip-adapter-faceid_tiny.safetensors")
+    with pytest.raises(RequestError, match="FaceID"):
+        ip.generate(GenerationRequest(**PROMPT, ip_adapters=(IpAdapterUnit("ip-adapter-faceid_tiny", (picture(),)),)))
+    wrong = IpAdapterUnit("ip-adapter_tiny", (picture(),), encoder="vit-257")
+    with pytest.raises(RequestError, match="does not fit ip-adapter_tiny"):
+        ip.generate(GenerationRequest(**PROMPT, ip_adapters=(wrong,)))
+    assert ip.load().unet.encoder_hid_proj is None
