@@ -179,3 +179,51 @@ def test_a_faceid_file_and_a_mismatched_encoder_say_what_to_do(ip, tmp_path):
     with pytest.raises(RequestError, match="does not fit ip-adapter_tiny"):
         ip.generate(GenerationRequest(**PROMPT, ip_adapters=(wrong,)))
     assert ip.load().unet.encoder_hid_proj is None
+
+
+def test_every_door_takes_an_ip_adapter_and_makes_the_same_image(tmp_path, tiny_model):
+    """CLI --ip-adapter, the native job API's ip_adapters and A1111's ControlNet unit with an ip-adapter module give
+    the engine's pixels; the extension's model and module lists name the adapter."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from sdstudio.pictures import decode_image, image_to_b64
+    from sdstudio.server.app import create_app
+    from sdstudio.testing.live import wait_for_job
+    from tests.test_cli import run
+
+    home = tmp_path / "home"
+    settings = make_settings(home, tiny_model.parent, default_model=str(tiny_model))
+    engine = Engine(settings)
+    install_files(home, engine.load().unet)
+    hint = picture()
+    hint.save(tmp_path / "hint.png")
+    req = GenerationRequest(prompt="a red circle", steps=4, seed=11, sampler="Euler", cfg_scale=6.0, ip_adapters=(
+        IpAdapterUnit("ip-adapter_tiny", (hint,), 0.9, 0.0, 0.8),))
+    expected = np.asarray(engine.generate(req).images[0].image)
+    unit = {"model": "ip-adapter_tiny", "images": [image_to_b64(hint)], "weight": 0.9, "end": 0.8}
+    a1111_unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny [00000000]",
+                  "image": image_to_b64(hint), "weight": 0.9, "guidance_end": 0.8}
+    with TestClient(create_app(settings, tmp_path / "data")) as client:
+        job = client.post("/api/v1/jobs", json={"request": {**req.to_dict(), "ip_adapters": [unit]}}).json()
+        done = wait_for_job(client, job["id"])
+        native = np.asarray(Image.open(__import__("io").BytesIO(client.get(done["result"]["images"][0]).content)))
+        body = {"prompt": "a red circle", "steps": 4, "seed": 11, "sampler_name": "Euler", "cfg_scale": 6.0,
+                "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": [a1111_unit]}}}
+        a1111 = client.post("/sdapi/v1/txt2img", json=body).json()
+        models = client.get("/controlnet/model_list").json()["model_list"]
+        modules = client.get("/controlnet/module_list").json()["module_list"]
+        faceid = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+            {**a1111_unit, "module": "ip-adapter_face_id_plus"}]}}})
+    assert np.array_equal(native, expected)
+    assert np.array_equal(np.asarray(decode_image(a1111["images"][0], "image").convert("RGB")), expected)
+    assert any(m.startswith("ip-adapter_tiny [") for m in models) and "ip-adapter_clip_sd15" in modules
+    assert faceid.status_code == 422 and "InsightFace" in faceid.json()["detail"]
+    (home / "models").mkdir(exist_ok=True)
+    proc = run(["txt2img", "a red circle", "-m", str(tiny_model), "--steps", "4", "--seed", "11", "--sampler",
+                "Euler", "--cfg", "6", "--ip-adapter", f"model=ip-adapter_tiny,image={tmp_path / 'hint.png'},"
+                "weight=0.9,end=0.8", "-o", str(tmp_path / "cli")], tmp_path, home)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(next((tmp_path / "cli").rglob("*.png"))).convert("RGB")), expected)
+    bad = run(["txt2img", "x", "-m", str(tiny_model), "--ip-adapter", "model=ip-adapter_tiny"], tmp_path, home)
+    assert bad.returncode != 0 and "needs model=NAME and image=FILE" in bad.stderr

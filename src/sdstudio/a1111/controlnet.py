@@ -38,13 +38,21 @@ def controlnet_module(name: str | None) -> str:
                        "alwayson_scripts.ControlNet.module")
 
 
-def controlnet_units(scripts: dict[str, Any], max_units: int | None = None) -> list[dict[str, Any]]:
-    """The enabled units of `alwayson_scripts.ControlNet.args`, as native unit fields (image: base64 as sent);
-    more than `max_units` args are refused before any is read."""
+# The extension's IP-Adapter modules (its preprocessors: which CLIP image encoder runs); the encoder is chosen
+# here by the adapter's input width, so every non-FaceID module works with any adapter it fits.
+IP_ADAPTER_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl",
+                      "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith")
+
+
+def controlnet_units(scripts: dict[str, Any], max_units: int | None = None) -> tuple[list[dict[str, Any]],
+                                                                                     list[dict[str, Any]]]:
+    """The enabled units of `alwayson_scripts.ControlNet.args` as native fields (images: base64 as sent):
+    (ControlNet units, IP-Adapter units: those with an ip-adapter module). More than `max_units` args are refused
+    before any is read."""
     entry = next((v for k, v in scripts.items() if k.lower() == CONTROLNET_SCRIPT), None)
     if entry is None:
-        return []
-    units = []
+        return [], []
+    units, adapters = [], []
     args = script_args(entry, "ControlNet")
     if max_units is not None and len(args) > max_units:
         raise RequestError(f"alwayson_scripts.ControlNet has {len(args)} units; the limit is {max_units}",
@@ -53,9 +61,34 @@ def controlnet_units(scripts: dict[str, Any], max_units: int | None = None) -> l
         if not isinstance(arg, dict):
             raise RequestError(f"alwayson_scripts.ControlNet.args[{i}] must be an object with named fields "
                                "(enabled, image, module, model, weight, ...)", "alwayson_scripts")
-        if arg.get("enabled", True):
+        if not arg.get("enabled", True):
+            continue
+        if str(arg.get("module") or "").strip().lower().startswith(("ip-adapter", "ip_adapter")):
+            adapters.append(ip_adapter_unit(arg, i))
+        else:
             units.append(controlnet_unit(arg, i))
-    return units
+    return units, adapters
+
+
+def ip_adapter_unit(arg: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """A unit with an ip-adapter module: its model is an IP-Adapter, its image the image prompt."""
+    where = f"alwayson_scripts.ControlNet.args[{index}]"
+    module = str(arg.get("module")).strip().lower()
+    if "face_id" in module or "faceid" in module:
+        raise RequestError(f"{where}.module {arg.get('module')!r}: IP-Adapter FaceID needs InsightFace face "
+                           "embeddings, which sdstudio does not compute; use ip-adapter_clip_sd15 or _sdxl with a "
+                           "plain, plus or plus-face adapter", f"{where}.module")
+    model = arg.get("model")
+    if not isinstance(model, str) or model.strip().lower() in ("", "none"):
+        raise RequestError(f"{where}.model must name an IP-Adapter model, got {model!r}", f"{where}.model")
+    image = arg.get("image", arg.get("input_image"))
+    if isinstance(image, dict):
+        image = image.get("image")
+    if not image:
+        raise RequestError(f"{where}.image: an IP-Adapter unit needs the image prompt", f"{where}.image")
+    decode_image(image, f"{where}.image")  # refused here, naming the unit, if it is no picture
+    return dict(model=model.strip(), images=[image], weight=_number(arg, "weight", 1.0, where),
+                start=_number(arg, "guidance_start", 0.0, where), end=_number(arg, "guidance_end", 1.0, where))
 
 
 def controlnet_unit(arg: dict[str, Any], index: int = 0) -> dict[str, Any]:

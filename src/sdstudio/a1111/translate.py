@@ -45,7 +45,7 @@ def to_native_payload(body: Body, options: A1111Options | None = None,
         fields.update(_hires_fields(body))
     elif isinstance(body, Img2ImgBody):
         fields.update(_img2img_fields(body))
-    fields["controlnets"] = controlnet_units(body.alwayson_scripts, max_units)
+    fields["controlnets"], fields["ip_adapters"] = controlnet_units(body.alwayson_scripts, max_units)
     fields.update(forge_script_fields(body.alwayson_scripts))
     return fields
 

@@ -15,7 +15,7 @@ import typer
 from sdstudio import __version__
 from sdstudio.cli import guidance as addon
 from sdstudio.cli.common import GlobalOptions, fail, quiet_libraries, settings_from
-from sdstudio.cli.control import ControlNetOpt, control_units
+from sdstudio.cli.control import ControlNetOpt, IpAdapterOpt, control_units, ip_adapter_units
 from sdstudio.cli.generate import (
     Batch,
     CaptureEvery,
@@ -113,7 +113,8 @@ def txt2img(ctx: typer.Context,
             freeu: addon.FreeU = None, pag: addon.Pag = None, pag_layers: addon.PagLayers = None,
             guidance: addon.Guidance = None, apg_eta: addon.ApgEta = None,
             apg_norm_threshold: addon.ApgThreshold = None, apg_momentum: addon.ApgMomentum = None,
-            preset: addon.PresetOpt = None, eta: addon.Eta = None, controlnet: ControlNetOpt = None) -> None:
+            preset: addon.PresetOpt = None, eta: addon.Eta = None, controlnet: ControlNetOpt = None,
+            ip_adapter: IpAdapterOpt = None) -> None:
     """Generate images from a prompt."""
     if hires is None and any(v is not None for v in (hr_scale, hr_upscaler, hr_steps, hr_denoise)):
         hires = True  # an --hr-* option asks for the hires fix
@@ -124,7 +125,7 @@ def txt2img(ctx: typer.Context,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
                        enable_hr=hires, hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
-                       strength=hr_denoise, **control_units(controlnet),
+                       strength=hr_denoise, **control_units(controlnet), **ip_adapter_units(ip_adapter),
                        **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
                                              apg_momentum),
                        eta=eta)
@@ -145,7 +146,7 @@ def img2img(ctx: typer.Context,
             capture_every: CaptureEvery = None, prompt_syntax: Syntax = None, clip_skip: ClipSkip = None,
             vae: Vae = None, guidance_rescale: Rescale = None, zero_terminal_snr: ZeroSnr = None,
             from_image: FromImage = None, subseed: Subseed = None, subseed_strength: SubseedStrength = None,
-            seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None,
+            seed_resize_from: SeedResize = None, controlnet: ControlNetOpt = None, ip_adapter: IpAdapterOpt = None,
             freeu: addon.FreeU = None, pag: addon.Pag = None, pag_layers: addon.PagLayers = None,
             guidance: addon.Guidance = None, apg_eta: addon.ApgEta = None,
             apg_norm_threshold: addon.ApgThreshold = None, apg_momentum: addon.ApgMomentum = None,
@@ -157,7 +158,7 @@ def img2img(ctx: typer.Context,
                        prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
                        guidance_rescale=guidance_rescale, zero_terminal_snr=zero_terminal_snr,
                        subseed=subseed, subseed_strength=subseed_strength, **seed_resize(seed_resize_from),
-                       **control_units(controlnet),
+                       **control_units(controlnet), **ip_adapter_units(ip_adapter),
                        **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
                                              apg_momentum),
                        eta=eta)

@@ -9,7 +9,7 @@ import typer
 
 from sdstudio.cli import guidance as addon
 from sdstudio.cli.common import fail
-from sdstudio.cli.control import ControlNetOpt, control_units
+from sdstudio.cli.control import ControlNetOpt, IpAdapterOpt, control_units, ip_adapter_units
 from sdstudio.cli.generate import (
     Batch,
     CaptureEvery,
@@ -60,7 +60,7 @@ def inpaint(ctx: typer.Context,
             keep_unmasked: KeepUnmasked = None,
             soft: Annotated[bool | None, typer.Option("--soft", help="Soft inpainting: grey mask values are "
                                                                      "per-pixel strengths.")] = None,
-            method: Method = None, controlnet: ControlNetOpt = None,
+            method: Method = None, controlnet: ControlNetOpt = None, ip_adapter: IpAdapterOpt = None,
             negative: Negative = None, model: Model = None, steps: Steps = None, cfg: Cfg = None,
             sampler: Sampler = None, schedule: Schedule = None, seed: Seed = None, width: Width = None,
             height: Height = None, batch_size: Batch = None, n_iter: NIter = None, out: Out = None,
@@ -77,7 +77,7 @@ def inpaint(ctx: typer.Context,
                        mask_blur=mask_blur, invert_mask=invert, masked_content=fill, only_masked=only_masked,
                        only_masked_padding=padding, keep_unmasked=keep_unmasked, soft_inpainting=soft,
                        inpaint_method=method, prompt_syntax=prompt_syntax, clip_skip=clip_skip, vae=vae,
-                       **control_units(controlnet),
+                       **control_units(controlnet), **ip_adapter_units(ip_adapter),
                        **addon.add_on_fields(freeu, pag, pag_layers, guidance, apg_eta, apg_norm_threshold,
                                              apg_momentum),
                        eta=eta)

@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from PIL import Image
 
 from sdstudio.a1111.bodies import CONTROLNET_SCRIPT, DetectBody
-from sdstudio.a1111.controlnet import controlnet_module
+from sdstudio.a1111.controlnet import IP_ADAPTER_MODULES, controlnet_module
 from sdstudio.a1111.forge_scripts import FORGE_SCRIPTS
 from sdstudio.engine.sd.control import preprocess_control
 from sdstudio.engine.sd.preprocess import ALL_PREPROCESSORS
 from sdstudio.errors import RequestError
 from sdstudio.models.load import controlnet
+from sdstudio.models.load.ip_adapter import available_adapters
 from sdstudio.pictures import decode_image
 from sdstudio.server.a1111_extras import png_b64
 from sdstudio.server.state import ServerState
@@ -72,7 +73,9 @@ def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/controlnet/model_list")
     def controlnet_models(update: bool = True) -> dict[str, list[str]]:
-        paths = controlnet.available(state.engine.folders.controlnet)
+        folders = state.engine.folders  # IP-Adapters too, as the extension lists them from its models folder
+        paths = controlnet.available(folders.controlnet)
+        paths += [p for p in available_adapters(folders.ip_adapter) if p not in paths]
         hashes = state.engine.models.hashes  # 8 hex digits of the sha256, as the extension shows them
         return {"model_list": [f"{p.stem if p.is_file() else p.name} [{hashes.model_sha256(p)[:8]}]" for p in paths]}
 
@@ -101,6 +104,6 @@ def add_discovery_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/controlnet/module_list")
     def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
-        modules = ["none", *ALL_PREPROCESSORS]
+        modules = ["none", *ALL_PREPROCESSORS, *IP_ADAPTER_MODULES]
         return {"module_list": modules,
                 "module_detail": {m: {"model_free": False, "sliders": []} for m in modules}}
