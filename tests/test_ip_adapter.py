@@ -227,3 +227,10 @@ def test_every_door_takes_an_ip_adapter_and_makes_the_same_image(tmp_path, tiny_
     assert np.array_equal(np.asarray(Image.open(next((tmp_path / "cli").rglob("*.png"))).convert("RGB")), expected)
     bad = run(["txt2img", "x", "-m", str(tiny_model), "--ip-adapter", "model=ip-adapter_tiny"], tmp_path, home)
     assert bad.returncode != 0 and "needs model=NAME and image=FILE" in bad.stderr
+
+
+def test_the_infotext_states_the_unit_as_the_controlnet_extension_does(ip):
+    unit = IpAdapterUnit("ip-adapter_tiny", (picture(),), 0.7, 0.1, 0.9)
+    text = ip.generate(GenerationRequest(**{**PROMPT, "batch_size": 1}, ip_adapters=(unit,))).images[0].infotext
+    assert 'ControlNet 0: "Module: ip-adapter_clip_h, Model: ip-adapter_tiny [' in text
+    assert "Weight: 0.7, Resize Mode: Crop and Resize, Guidance Start: 0.1, Guidance End: 0.9" in text

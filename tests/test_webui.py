@@ -536,3 +536,30 @@ def test_a_few_step_preset_fills_the_sampling_fields(page):
     wait_for_result(page)
     info = page.inner_text("#infotext")
     assert "Sampler: TCD" in info and "Eta: 0.4" in info and "CFG scale: 1," in info
+
+
+def test_an_image_prompt_unit_reaches_the_image(page, webui_home):
+    from diffusers import UNet2DConditionModel
+
+    from sdstudio.testing.ip_adapter import tiny_image_encoder, write_tiny_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(PACKAGED_MODELS / "demo" / "unet")
+    tiny_image_encoder(webui_home / "clip_vision" / "vit-tiny", hidden=64, projection=32, heads=2)
+    write_tiny_adapter(webui_home / "ipadapter" / "ip-adapter_demo-test.safetensors", unet, "plain", 32)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    fill_basics(page, "a red circle on a blue background", seed=8, steps=4)
+    page.click("#generate")
+    plain = wait_for_result(page)
+    before = result_pixels(page)
+    page.click("#ip-section summary")
+    page.click("#ip-add")
+    page.set_input_files(".ip-unit input[type=file]", png_file(Image.new("RGB", (48, 48), (240, 220, 10))))
+    page.wait_for_selector(".ip-unit img[alt='image prompt']")
+    page.fill(".ip-unit input[type=number] >> nth=0", "1.5")
+    page.click("#generate")
+    wait_for_result(page, plain)
+    assert 'Module: ip-adapter_clip_h, Model: ip-adapter_demo-test [' in page.inner_text("#infotext")
+    assert np.abs(result_pixels(page) - before).max() > 0
+    page.click(".ip-unit >> text=Remove")
+    assert page.locator(".ip-unit").count() == 0

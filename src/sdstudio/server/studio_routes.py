@@ -37,6 +37,7 @@ from sdstudio.models.find.inventory import family_of
 from sdstudio.models.find.previews import preview_of
 from sdstudio.models.load import controlnet
 from sdstudio.models.load.families import FAMILY_INFO
+from sdstudio.models.load.ip_adapter import available_adapters, available_encoders
 from sdstudio.models.load.tiny_vae import TINY_NAMES, find_tiny_vae
 from sdstudio.models.load.vae import vae_files
 from sdstudio.pictures import decode_image, image_to_b64
@@ -148,6 +149,8 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "networks": [network_entry(kind, path) for kind in NETWORK_KINDS
                      for path in network_files(engine, kind).values()],
         "controlnets": [p.stem if p.is_file() else p.name for p in controlnet.available(engine.folders.controlnet)],
+        "ip_adapters": [p.stem for p in available_adapters(engine.folders.ip_adapter, engine.folders.controlnet)],
+        "image_encoders": [p.stem if p.is_file() else p.name for p in available_encoders(engine.folders.clip_vision)],
         "preprocessors": list(ALL_PREPROCESSORS),
         "samplers": [spec.name for spec in SAMPLERS],
         "schedules": list(SCHEDULE_TYPES),

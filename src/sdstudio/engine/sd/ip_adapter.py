@@ -52,9 +52,17 @@ class ImagePrompt:
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    name: str = ""     # the adapter, as the infotext names it: `name [hash]`
+    hash: str = ""
+    module: str = "ip-adapter_clip_h"  # the ControlNet extension's name for the encoder that ran
 
     def scale_at(self, i: int, total: int) -> float:
         return 0.0 if i / total < self.start or (i + 1) / total > self.end else self.weight
+
+    def infotext_unit(self) -> dict[str, object]:
+        """As the ControlNet extension states an IP-Adapter unit (a1111/extras.py writes it)."""
+        return {"preprocessor": self.module, "name": self.name, "hash": self.hash, "weight": self.weight,
+                "resize_mode": "crop", "start": self.start, "end": self.end, "guess_mode": False}
 
 
 @torch.inference_mode()
@@ -157,7 +165,9 @@ class ImagePromptLibrary:
                                    "image encoder", "ip_adapters.encoder")
             positive, negative = encode_images(encoder, unit.images, adapter.hidden_states)
             files.append(adapter)
-            prompts.append(ImagePrompt(positive, negative, float(unit.weight), float(unit.start), float(unit.end)))
+            module = "ip-adapter_clip_g" if encoder.config.hidden_size == 1664 else "ip-adapter_clip_h"  # bigG: SDXL
+            prompts.append(ImagePrompt(positive, negative, float(unit.weight), float(unit.start), float(unit.end),
+                                       adapter.name, adapter.hash, module))
         return files, tuple(prompts)
 
     def fitting_encoder(self, adapter: AdapterFile) -> Path:

@@ -289,7 +289,8 @@ class Job:
         req, model, picture = self.req, self.model, batch.pictures[k]
         capture = batch.captures[k] if batch.captures else None
         vae = (self.vae_choice.name, self.vae_choice.hash) if self.vae_choice else None
-        extra = {**self.addons.infotext(), **controlnet_params(infotext_units(req.controlnets, self.controls))}
+        units = infotext_units(req.controlnets, self.controls) + [p.infotext_unit() for p in self.image_prompts]
+        extra = {**self.addons.infotext(), **controlnet_params(units)}
         record = image_record(
             req, index, seed,
             model={"name": model.name, "sha256": model.sha256, "hash": model.short_hash, "family": model.family,

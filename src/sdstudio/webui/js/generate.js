@@ -1,6 +1,7 @@
 // The Generate view: build the request from the form, submit it, follow its progress, show the results.
 import * as api from "./api.js";
 import { ControlUnits } from "./control.js";
+import { ImagePrompts } from "./image_prompts.js";
 import { $, clearErrors, el, formatSeconds, showError } from "./dom.js";
 import { MODES, applyAspect, readFields, setMode, writeFields } from "./form.js";
 import { MaskEditor } from "./mask.js";
@@ -17,7 +18,7 @@ function stored(key) {
 }
 
 const withoutPictures = (fields) => {
-  const { init_image, mask, controlnets, ...rest } = fields;
+  const { init_image, mask, controlnets, ip_adapters, ...rest } = fields;
   return rest;
 };
 
@@ -40,6 +41,7 @@ export class Studio {
     this.form = $("#gen-form");
     this.mask = new MaskEditor($("#mask-canvas"));
     this.controls = new ControlUnits($("#control-units"), $("#control-count"), catalog);
+    this.imagePrompts = new ImagePrompts($("#ip-units"), $("#ip-count"), catalog);
     this.bind();
     setMode(this.mode);
   }
@@ -76,6 +78,7 @@ export class Studio {
     $("#mask-invert").addEventListener("click", () => this.mask.invert());
     $("#mask-clear").addEventListener("click", () => this.mask.clear());
     $("#control-add").addEventListener("click", () => this.controls.add());
+    $("#ip-add").addEventListener("click", () => this.imagePrompts.add());
     $("#result-main").addEventListener("click", () => this.viewer.open(this.results[this.selected], false,
                                                                        this.results));
     $("#send-img2img").addEventListener("click", () => this.sendTo("img2img"));
@@ -151,7 +154,10 @@ export class Studio {
       if (this.mask.isEmpty()) throw new FieldError("mask", "paint over the part of the image to repaint");
       fields.mask = this.mask.toBase64();
     }
-    if (this.mode !== "outpaint" && this.mode !== "upscale") fields.controlnets = this.controls.toRequest();
+    if (this.mode !== "outpaint" && this.mode !== "upscale") {
+      fields.controlnets = this.controls.toRequest();
+      fields.ip_adapters = this.imagePrompts.toRequest();
+    }
     return fields;
   }
 
@@ -336,6 +342,8 @@ export class Studio {
     if (request.init_image) await this.setImage(request.init_image, request.mask || null);
     this.controls.clear();
     for (const unit of request.controlnets || []) this.controls.add(unit);
+    this.imagePrompts.clear();
+    for (const unit of request.ip_adapters || []) this.imagePrompts.add(unit);
     this.setMode(mode);
   }
 
