@@ -81,6 +81,23 @@ def tiny_vae(teacher: Annotated[str, typer.Argument(help="The VAE to distil: a m
     _train(lambda p: train_tiny_vae(cfg, p, resume), steps)
 
 
+@app.command("lcm-lora")
+def lcm_lora(base: Annotated[str, typer.Argument(help="The model to distil: a name or a diffusers folder.")],
+             out: Annotated[Path, typer.Argument(help="Output folder: the LoRA is OUT/<folder name>.safetensors; "
+                                                      "resumable state inside.")],
+             data: Annotated[str, typer.Option(help="Images to learn on: a caption folder, or 'shapes'.")] = "shapes",
+             rank: Annotated[int, typer.Option(help="LoRA rank (alpha = rank).")] = 16,
+             resolution: Resolution = 64, batch_size: Annotated[int, typer.Option()] = 32, steps: Steps = 2000,
+             lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
+             seed: Seed = 0, save_every: SaveEvery = 250, resume: Resume = False) -> None:
+    """Distil a model into an LCM-LoRA: with it, the model samples in 4 steps (--preset lcm)."""
+    from sdstudio.train.lcm_lora import LcmTrainConfig, train_lcm_lora
+
+    cfg = LcmTrainConfig(base=_model(base) or base, out=out, data=data, rank=rank, resolution=resolution,
+                         batch_size=batch_size, steps=steps, lr=lr, seed=seed, save_every=save_every)
+    _train(lambda p: train_lcm_lora(cfg, p, resume), steps)
+
+
 @app.command("model")
 def model(data: Data, out: Out,
           vae: Annotated[str | None, typer.Option(help="A VAE or a model (name or folder) whose VAE to use; "
