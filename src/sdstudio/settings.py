@@ -12,6 +12,7 @@ from sdstudio.models.load.speed import COMPILE_MODES, COMPILE_TARGETS
 from sdstudio.pictures import DEFAULT_UPLOAD_PIXELS
 
 PACKAGED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
+PACKAGED_LORAS = Path(__file__).resolve().parent / "assets" / "loras"  # the demo model's LCM-LoRA
 DEMO_MODEL = "demo"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,

@@ -132,7 +132,7 @@ def txt2img(ctx: typer.Context,
     base = addon.preset_base(preset, fields_from_image(from_image) if from_image else {})
     if not base.get("enable_hr"):
         base.pop("strength", None)  # an img2img's strength; with hires fix it is the second pass's
-    run_request(ctx.obj, build_request(base, fields), out)
+    run_request(ctx.obj, build_request(base, fields), out, preset)
 
 
 @app.command()
@@ -167,7 +167,7 @@ def img2img(ctx: typer.Context,
         init = open_image(image)
     except SdStudioError as e:
         fail(str(e))
-    run_request(ctx.obj, build_request(base, {**fields, "init_image": init}), out)
+    run_request(ctx.obj, build_request(base, {**fields, "init_image": init}), out, preset)
 
 
 app.command()(inpaint)
@@ -216,8 +216,8 @@ def samplers() -> None:
 @app.command("eval-demo")
 def eval_demo(ctx: typer.Context, model: Model = None,
               per_triple: Annotated[int, typer.Option(help="Images per held-out combination.")] = 4,
-              steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
-              seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+              steps: Annotated[int | None, typer.Option(help="Sampling steps. (default: 20, or the preset's)")] = None,
+              seed: Annotated[int, typer.Option(help="First seed.")] = 0, preset: addon.PresetOpt = None,
               sheet: Annotated[Path | None, typer.Option(help="Save a contact sheet of the images here.")] = None,
               check: Annotated[bool, typer.Option(help="Exit 1 if an accuracy is below its target.")] = False) -> None:
     """Score a shapes model on caption combinations it never saw in training."""
@@ -229,10 +229,11 @@ def eval_demo(ctx: typer.Context, model: Model = None,
     with StepProgress() as bar:
         try:
             report = evaluate(engine, model, per_triple, steps, seed,
-                          on_image=lambda done, total: bar.advance(done, total))
+                          on_image=lambda done, total: bar.advance(done, total), preset=preset)
         except SdStudioError as e:
             fail(str(e))
-    typer.echo(f"{report.count} images from held-out combinations, {steps} steps")
+    typer.echo(f"{report.count} images from held-out combinations, {report.steps} steps"
+               + (f", preset {preset}" if preset else ""))
     failed = False
     for attribute, target in TARGETS.items():
         acc = report.accuracy(attribute)

@@ -101,13 +101,23 @@ def build_request(base: dict[str, Any], overrides: dict[str, Any]) -> Generation
         fail(f"invalid parameters: {e}")
 
 
-def run_request(options: GlobalOptions, request: GenerationRequest, out: Path | None) -> None:
+def run_request(options: GlobalOptions, request: GenerationRequest, out: Path | None,
+                preset: str | None = None) -> None:
+    """preset: a few-step preset the request's fields already follow; its LoRA for the model is added (presets.py)."""
     from sdstudio.engine.engine import Engine
+    from sdstudio.engine.presets import with_companion
 
     settings = settings_from(options, out)
     quiet_libraries()
     engine = Engine(settings)
     token = CancelToken()
+    try:
+        lora = engine.preset_lora(preset, request.model)
+    except SdStudioError as e:
+        fail(str(e))
+    if lora and with_companion(request.prompt, lora) != request.prompt:
+        request = request.replace(prompt=with_companion(request.prompt, lora))
+        typer.echo(f"--preset {preset}: added <lora:{lora}:1>, the model's few-step LoRA", err=True)
 
     def run(bar: StepProgress) -> GenerationResult:
         return engine.generate(engine.prepare(request), progress=bar.on_event, cancel=token)

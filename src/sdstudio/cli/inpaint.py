@@ -82,7 +82,7 @@ def inpaint(ctx: typer.Context,
                                              apg_momentum),
                        eta=eta)
     pictures = {"init_image": _open(image), "mask": _open(mask)}
-    run_request(ctx.obj, build_request(addon.preset_base(preset, {}), {**fields, **pictures}), out)
+    run_request(ctx.obj, build_request(addon.preset_base(preset, {}), {**fields, **pictures}), out, preset)
 
 
 def outpaint(ctx: typer.Context,

@@ -17,6 +17,7 @@ from sdstudio.engine.pipelines.kandinsky import KandinskyRunner
 from sdstudio.engine.pipelines.upscale import UpscaleRequest, UpscaleResult
 from sdstudio.engine.pipelines.x4 import Upscalers
 from sdstudio.engine.prepared import PreparedJob
+from sdstudio.engine.presets import companion_lora
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.runner import SdRunner
@@ -25,6 +26,7 @@ from sdstudio.errors import ModelError
 from sdstudio.models.find import catalog
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.find.inventory import family_of
 from sdstudio.models.load.loader import LoadedModel, ModelManager
 from sdstudio.models.load.parts import LoadOptions
 from sdstudio.models.load.speed import SpeedOptions
@@ -64,6 +66,13 @@ class Engine:
 
     def load(self, name: str | None = None) -> LoadedModel:
         return self.models.get(self.model_ref(name))
+
+    def preset_lora(self, preset_name: str | None, model: str | None = None) -> str | None:
+        """The few-step LoRA that makes the model (None: the default) run as the preset says (presets.py)."""
+        if not preset_name:
+            return None
+        ref = self.model_ref(model)
+        return companion_lora(preset_name, ref.name, family_of(ref), [p.stem for p in self.addons.lora_files()])
 
     def prepare(self, request: GenerationRequest) -> PreparedJob:
         """Every check that needs no model loaded, once: types, fields, sampler, prompt syntax, and the names of

@@ -2,6 +2,11 @@
 as their model cards give them. A preset sets defaults; a request's own fields win. All run on the single
 conditional branch (CFG 1), as the cards' guidance_scale 0 does in diffusers.
 
+An ordinary model takes a preset through its few-step LoRA (`companion_lora`): one distilled from that very model,
+named `<preset>-lora-<model>` (`sdstudio train lcm-lora` makes them; the demo model ships `lcm-lora-demo`), or the
+family's published one under its published name; the CLI's --preset adds it to the prompt as `<lora:name:1>`, as
+Fooocus's speed modes do, so the infotext re-runs without the preset.
+
     lcm        LCM and LCM-LoRA (Luo et al. 2023): LCMScheduler, 4 steps
     turbo      SD-Turbo, SDXL-Turbo (adversarial diffusion distillation): Euler a, trailing timesteps, 1 step
     lightning  SDXL-Lightning (progressive adversarial distillation): Euler, trailing timesteps, 4 steps
@@ -41,6 +46,30 @@ PRESETS: dict[str, Preset] = {
     "hyper": Preset("DDIM", "SGM Uniform", 8, 1.0, "Hyper-SD LoRAs"),
     "tcd": Preset("TCD", "Automatic", 4, 1.0, "TCD LoRAs"),
 }
+
+
+# the few-step LoRAs' published names, per preset and family
+PUBLISHED_LORAS: dict[str, dict[str, str]] = {
+    "lcm": {"sd1": "lcm-lora-sdv1-5", "sdxl": "lcm-lora-sdxl"},
+    "tcd": {"sd1": "TCD-SD15-LoRA", "sdxl": "TCD-SDXL-LoRA"},
+    "lightning": {"sdxl": "sdxl_lightning_4step_lora"},
+    "hyper": {"sd1": "Hyper-SD15-8steps-lora", "sdxl": "Hyper-SDXL-8steps-lora"},
+}
+
+
+def companion_lora(preset_name: str, model: str, family: str, loras: Iterable[str]) -> str | None:
+    """The LoRA (by stem, among `loras`) that makes `model` run as the preset says: `<preset>-lora-<model>`,
+    else the family's published one; None when neither is installed."""
+    by_lower = {name.lower(): name for name in loras}
+    wanted = [f"{preset_name}-lora-{model}", PUBLISHED_LORAS.get(preset_name, {}).get(family, "")]
+    return next((by_lower[w.lower()] for w in wanted if w and w.lower() in by_lower), None)
+
+
+def with_companion(prompt: str, lora: str | None) -> str:
+    """The prompt with `<lora:name:1>` added, unless it already names that LoRA."""
+    if lora is None or f"<lora:{lora.lower()}:" in prompt.lower() or f"<lora:{lora.lower()}>" in prompt.lower():
+        return prompt
+    return f"{prompt} <lora:{lora}:1>".strip()
 
 
 def preset(name: str) -> Preset:

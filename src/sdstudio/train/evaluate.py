@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from sdstudio.engine.engine import Engine
+from sdstudio.engine.presets import with_companion, with_preset
 from sdstudio.engine.requests import GenerationRequest
 from sdstudio.train.analyse import analyse
 from sdstudio.train.shapes import POSITIONS, SIZES, ShapeSpec, held_out
@@ -28,6 +29,7 @@ class EvalReport:
     correct: dict[str, int]
     images: list[Image.Image] = field(repr=False)
     captions: list[str] = field(repr=False)
+    steps: int = 20
 
     def accuracy(self, attribute: str) -> float:
         return self.correct[attribute] / self.count
@@ -39,14 +41,19 @@ def eval_specs(per_triple: int, seed: int) -> list[ShapeSpec]:
             for shape, colour, background in sorted(held_out()) for _ in range(per_triple)]
 
 
-def evaluate(engine: Engine, model: str | None = None, per_triple: int = 4, steps: int = 20, seed: int = 0,
-             on_image: Callable[[int, int], None] | None = None) -> EvalReport:
+def evaluate(engine: Engine, model: str | None = None, per_triple: int = 4, steps: int | None = 20, seed: int = 0,
+             on_image: Callable[[int, int], None] | None = None, preset: str | None = None) -> EvalReport:
+    """preset: sample as a few-step preset says (its steps, unless `steps` is given), with the model's LoRA for it."""
     specs = eval_specs(per_triple, seed)
+    fields = with_preset(preset, {}, {"steps": steps} if steps else {})
+    lora = engine.preset_lora(preset, model)
     correct = dict.fromkeys(ATTRIBUTES, 0)
     images, captions = [], []
     for i, spec in enumerate(specs):
         caption = spec.caption()
-        result = engine.generate(GenerationRequest(prompt=caption, steps=steps, seed=seed + i, model=model))
+        request = GenerationRequest(**{"steps": 20, **fields}, prompt=with_companion(caption, lora), seed=seed + i,
+                                    model=model)
+        result = engine.generate(request)
         image = result.images[0].image
         found = analyse(image)
         correct["background"] += found.background == spec.background
@@ -57,7 +64,7 @@ def evaluate(engine: Engine, model: str | None = None, per_triple: int = 4, step
         captions.append(caption)
         if on_image:
             on_image(i + 1, len(specs))
-    return EvalReport(len(specs), correct, images, captions)
+    return EvalReport(len(specs), correct, images, captions, request.steps if specs else 0)
 
 
 def contact_sheet(images: list[Image.Image], columns: int = 12) -> Image.Image:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdstudio.errors import ModelError
 from sdstudio.models.find.names import check_inside, leaf
-from sdstudio.settings import Settings
+from sdstudio.settings import PACKAGED_LORAS, Settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 RECIPE_SUFFIX = ".merge.json"
@@ -82,6 +82,7 @@ def model_folders(settings: Settings) -> ModelFolders:
         controlnet.append(comfy / "models" / "controlnet")
         ip_adapter.append(comfy / "models" / "ipadapter")
         clip_vision.append(comfy / "models" / "clip_vision")
+    lora.append(PACKAGED_LORAS)
     return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache,
                         tuple(controlnet), tuple(approx), tuple(ip_adapter), tuple(clip_vision))
 
