@@ -4,6 +4,7 @@ cards ask for, and the hint a few-step model or LoRA run the slow way gets."""
 from __future__ import annotations
 
 import diffusers
+import torch
 import pytest
 from diffusers import StableDiffusionPipeline
 
@@ -77,3 +78,64 @@ def test_the_engine_reports_the_hint_for_a_lora_named_like_one(engine):
         assert not any("--preset" in w for w in fast.warnings)
     finally:
         path.unlink()
+
+
+def test_the_demo_lcm_lora_follows_prompts_in_4_steps(tmp_path):
+    """The shipped LCM-LoRA (distilled from the demo by `sdstudio train lcm-lora`): --preset lcm adds it, and 4 LCM
+    steps at CFG 1 draw what the prompt asks; it loads whole in our LoRA code."""
+    from sdstudio import Engine, Settings
+    from sdstudio.engine.presets import with_companion
+    from sdstudio.train.analyse import analyse
+    from tests.test_demo import PROMPTS
+
+    demo = Engine(Settings.from_env(home=tmp_path, outputs_dir=tmp_path / "outputs", device=torch.device("cpu"),
+                                    dtype=torch.float32, default_model="demo"))
+    lora = demo.preset_lora("lcm")
+    assert lora == "lcm-lora-demo" and demo.preset_lora("turbo") is None
+    right = 0
+    for i, (shape, colour, background) in enumerate(PROMPTS):
+        prompt = with_companion(f"a {colour} {shape} on a {background} background", lora)
+        result = demo.generate(GenerationRequest(**with_preset("lcm", {}, {}), prompt=prompt, seed=200 + i))
+        found = analyse(result.images[0].image)
+        right += (found.colour, found.background, found.shape) == (colour, background, shape)
+        (record,) = result.images[0].record["addons"]["loras"]
+        assert record["name"] == "lcm-lora-demo" and record["matched_keys"] > 100 and not record["dropped"]
+    assert right >= 5, f"only {right} of {len(PROMPTS)} prompts came out right in 4 steps"
+    assert with_companion("x <lora:LCM-lora-demo:0.8>", lora) == "x <lora:LCM-lora-demo:0.8>"
+
+
+def test_train_lcm_lora_writes_a_kohya_lora_and_resumes(tmp_path, tiny_model):
+    from safetensors import safe_open
+
+    from sdstudio.models.addons.lora import read_lora
+    from sdstudio.train.lcm_lora import LcmTrainConfig, train_lcm_lora
+
+    cfg = LcmTrainConfig(base=str(tiny_model), out=tmp_path / "lcm-lora-tiny", rank=4, batch_size=4, steps=2,
+                         save_every=1, warmup=1)
+    path = train_lcm_lora(cfg)
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".lora_down.weight") for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "lcm-lora-tiny"
+    assert len(read_lora(path).layers) == len(keys) // 3
+    longer = train_lcm_lora(LcmTrainConfig(**{**cfg.__dict__, "steps": 3}), resume=True)
+    assert longer == path
+    with pytest.raises(Exception, match="already holds a training run"):
+        train_lcm_lora(cfg)
+
+
+def test_cli_preset_lcm_on_the_demo_makes_a_correct_image_in_4_steps(tmp_path):
+    from PIL import Image
+
+    from sdstudio.train.analyse import analyse
+    from tests.test_cli import run
+
+    proc = run(["txt2img", "--preset", "lcm", "a red circle on a blue background", "--seed", "3"], tmp_path,
+               tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset lcm: added <lora:lcm-lora-demo:1>" in proc.stderr
+    image = Image.open(next((tmp_path / "outputs").rglob("*.png")))
+    found = analyse(image)
+    assert (found.colour, found.background, found.shape) == ("red", "blue", "circle")
+    text = image.info["parameters"]
+    assert "<lora:lcm-lora-demo:1>" in text and "Steps: 4, Sampler: LCM" in text and "CFG scale: 1," in text

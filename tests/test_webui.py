@@ -528,6 +528,7 @@ def test_a_few_step_preset_fills_the_sampling_fields(page):
     assert (page.input_value("#sampler"), page.input_value("#steps"), page.input_value("#cfg_scale")) == \
         ("LCM", "4", "1")
     assert page.input_value("#preset") == ""  # a menu of actions, not a setting
+    assert page.input_value("#prompt").endswith("<lora:lcm-lora-demo:1>")  # the demo's few-step LoRA
     fill_basics(page, "a red circle on a blue background", seed=4, steps=4)
     page.click("#guidance-section summary")
     page.fill("#eta", "0.4")

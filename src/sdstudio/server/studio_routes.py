@@ -22,7 +22,7 @@ from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are 
 from sdstudio.a1111.options import MODEL_HASH_DIGITS, model_title
 from sdstudio.engine.engine import Engine
 from sdstudio.engine.pipelines.upscale import is_x4_folder, latent_upscale_modes
-from sdstudio.engine.presets import PRESETS
+from sdstudio.engine.presets import PRESETS, companion_lora
 from sdstudio.engine.record import read_fields
 from sdstudio.engine.requests import ControlUnit, GenerationRequest
 from sdstudio.engine.sd.control import preprocess_control
@@ -154,7 +154,7 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "preprocessors": list(ALL_PREPROCESSORS),
         "samplers": [spec.name for spec in SAMPLERS],
         "schedules": list(SCHEDULE_TYPES),
-        "presets": {name: {"fields": p.fields(), "made_for": p.made_for} for name, p in PRESETS.items()},
+        "presets": preset_entries(engine, refs),
         "upscalers": [u.name for u in engine.upscalers.available()],
         "latent_upscale_modes": latent_upscale_modes(),
         "inpaint_methods": list(INPAINT_METHODS),
@@ -164,6 +164,16 @@ def catalog_of(engine: Engine) -> dict[str, Any]:
         "defaults": encode_request(GenerationRequest()),
         "control_defaults": {k: v for k, v in ControlUnit(model="").to_dict().items() if k != "model"},
     }
+
+
+def preset_entries(engine: Engine, refs: list[ModelRef]) -> dict[str, dict[str, Any]]:
+    """Each few-step preset's fields, what it is made for, and the LoRA it adds per model (model name -> LoRA)."""
+    loras = [p.stem for p in engine.addons.lora_files()]
+    families = {ref.name: family_of(ref) for ref in refs}
+    return {name: {"fields": p.fields(), "made_for": p.made_for,
+                   "loras": {model: lora for model, family in families.items()
+                             if (lora := companion_lora(name, model, family, loras))}}
+            for name, p in PRESETS.items()}
 
 
 def tiny_vae_names(engine: Engine, refs: list[ModelRef]) -> list[str]:

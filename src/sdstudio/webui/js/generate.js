@@ -62,7 +62,15 @@ export class Studio {
     }
     $("#preset").addEventListener("change", (e) => {  // a few-step preset fills sampler, schedule, steps and CFG
       const chosen = this.catalog.presets[e.target.value];
-      if (chosen) { writeFields(chosen.fields); this.saveForm(); }
+      if (chosen) {
+        writeFields(chosen.fields);
+        const lora = chosen.loras[$("#model").value || this.catalog.default_model];  // the model's few-step LoRA
+        const prompt = $("#prompt");
+        if (lora && !prompt.value.toLowerCase().includes(`<lora:${lora.toLowerCase()}:`)) {
+          prompt.value = `${prompt.value.trim()} <lora:${lora}:1>`.trim();
+        }
+        this.saveForm();
+      }
       e.target.value = "";
     });
     $("#aspect").addEventListener("change", (e) => { applyAspect(e.target.value, this.nativeSize()); e.target.value = ""; });
