@@ -4,8 +4,8 @@ cards ask for, and the hint a few-step model or LoRA run the slow way gets."""
 from __future__ import annotations
 
 import diffusers
-import torch
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 
 from sdstudio import GenerationRequest
@@ -139,3 +139,34 @@ def test_cli_preset_lcm_on_the_demo_makes_a_correct_image_in_4_steps(tmp_path):
     assert (found.colour, found.background, found.shape) == ("red", "blue", "circle")
     text = image.info["parameters"]
     assert "<lora:lcm-lora-demo:1>" in text and "Steps: 4, Sampler: LCM" in text and "CFG scale: 1," in text
+
+
+def test_an_x0_lightning_file_predicts_the_sample_and_matches_diffusers(tmp_path):
+    """SDXL-Lightning's 1-step files (`..._x0.safetensors`) predict x0 ("sample"): read from the name, and sampled
+    as diffusers' pipeline does with that scheduler config."""
+    import shutil
+
+    from sdstudio import Engine
+    from sdstudio.models.find.hashing import HashCache
+    from sdstudio.models.load.loader import ModelManager
+    from sdstudio.models.load.parts import LoadOptions
+    from sdstudio.models.tools.convert import write_single_file
+    from sdstudio.testing.tiny import build_tiny
+    from tests.conftest import make_settings
+    from tests.test_sdxl import xl_pipe
+
+    folder = build_tiny("sdxl", tmp_path / "src" / "tiny-xl", seed=2)
+    (tmp_path / "models").mkdir()
+    file = write_single_file(folder, tmp_path / "models" / "tiny_lightning_1step_x0.safetensors")
+    shutil.copy(file, tmp_path / "models" / "tiny_lightning.safetensors")
+    manager = ModelManager(LoadOptions(config=folder), HashCache(None))
+    engine = Engine(make_settings(tmp_path / "home", tmp_path / "models"), models=manager)
+    req = GenerationRequest(**with_preset("lightning", {}, {"steps": 2}), prompt="a red circle", seed=SEED,
+                            width=64, height=64, model="tiny_lightning_1step_x0")
+    result = engine.generate(req)
+    assert result.images[0].record["model"]["prediction_type"] == "sample"
+    assert engine.load("tiny_lightning").prediction_type == "epsilon"
+    ref = xl_pipe(engine.load("tiny_lightning_1step_x0"), result)(
+        prompt=req.prompt, num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
+        generator=generators(1), output_type="latent").images
+    assert (result.latents - ref).abs().max() < 1e-4

@@ -10,6 +10,7 @@ the keys with diffusers' own LDM converters, and load every component with stric
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
+X0_NAME = re.compile(r"(^|[_\-.])x0([_\-.]|$)", re.IGNORECASE)  # sdxl_lightning_1step_x0, ..._unet_x0
+
+
 def load_single_file(ref: ModelRef, options: LoadOptions, models_dirs: Sequence[Path] = ()) -> Parts:
     """models_dirs: where a merge recipe's inputs are looked up by name."""
     path = ref.path
@@ -49,6 +53,9 @@ def load_single_file(ref: ModelRef, options: LoadOptions, models_dirs: Sequence[
     scheduler = dict(configs["scheduler"])
     if options.prediction and info is None:  # original-layout files cannot say (SD 2.x; v-pred SD 1.x tunes)
         scheduler["prediction_type"] = options.prediction
+    elif X0_NAME.search(path.stem):
+        log.info("%s: an x0 (\"sample\") prediction model, as its name says (SDXL-Lightning's 1-step files)", path.name)
+        scheduler["prediction_type"] = "sample"
     return Parts(family, text, unet, vae, scheduler, configs.get("options", {}))
 
 
