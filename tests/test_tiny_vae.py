@@ -138,3 +138,28 @@ def test_a1111s_taesd_decoder_file_is_read_as_an_autoencoder_tiny(tmp_path, with
 
         with pytest.raises(RequestError, match=r"taesd_encoder\.pth"):
             encode_pixels(tiny, torch.zeros(1, 3, 64, 64))
+
+
+def test_the_demo_ships_a_tiny_vae_close_to_its_full_vae():
+    """The demo's taesd/ (distilled by `sdstudio train tiny-vae demo ...`): <= 2 MB, decoding the demo's latents
+    within a few levels of the full VAE and encoding images to nearly the same latents."""
+    from diffusers import AutoencoderKL
+
+    from sdstudio.settings import PACKAGED_MODELS
+    from sdstudio.train.shapes import ShapeSpec, draw
+
+    demo = PACKAGED_MODELS / "demo"
+    assert sum(f.stat().st_size for f in (demo / "taesd").iterdir()) <= 2 * 1024 * 1024
+    tiny = AutoencoderTiny.from_pretrained(demo / "taesd", torch_dtype=torch.float32).eval()
+    full = AutoencoderKL.from_pretrained(demo / "vae", torch_dtype=torch.float32).eval()
+    specs = [ShapeSpec(shape, colour, background, "large", (i % 3, i // 3 % 3)) for i, (shape, colour, background)
+             in enumerate([("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green"),
+                           ("diamond", "orange", "purple"), ("circle", "green", "white"), ("square", "blue", "red")])]
+    x = torch.from_numpy(np.stack([np.asarray(draw(s), np.float32) / 127.5 - 1 for s in specs])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z = full.encode(x).latent_dist.mode() * full.config.scaling_factor      # (6, 4, 8, 8)
+        reference = full.decode(z / full.config.scaling_factor).sample
+        decoded, encoded = tiny.decode(z).sample, tiny.encode(x).latents
+    levels = ((decoded - reference).abs() * 127.5).flatten()
+    assert levels.mean() < 4 and levels.quantile(0.99) < 60, (levels.mean(), levels.quantile(0.99))
+    assert (encoded - z).pow(2).mean().sqrt() < 0.05 * z.std()
