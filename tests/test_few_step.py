@@ -70,14 +70,20 @@ def test_the_engine_reports_the_hint_for_a_lora_named_like_one(engine):
     folder = engine.settings.home / "lora"
     folder.mkdir(parents=True, exist_ok=True)
     path = save(folder, "tiny_lcm_lora", kohya_lora(model.unet, model.text.encoders[0], seed=4))
+    quiet = save(folder, "my_speedup", kohya_lora(model.unet, model.text.encoders[0], seed=4),
+                 {"ss_output_name": "tiny-TCD-lora"})  # named plainly, its metadata says what it is
     try:
         prompt = "a red circle <lora:tiny_lcm_lora:1>"
         slow = engine.generate(GenerationRequest(prompt=prompt, steps=12, seed=1))
         assert any("--preset lcm" in w for w in slow.warnings), slow.warnings
         fast = engine.generate(GenerationRequest(prompt=prompt, **PRESETS["lcm"].fields(), seed=1))
         assert not any("--preset" in w for w in fast.warnings)
+        by_metadata = engine.generate(GenerationRequest(prompt="x <lora:my_speedup:1>", steps=12, seed=1))
+        (hint,) = [w for w in by_metadata.warnings if "--preset" in w]
+        assert "'tiny-TCD-lora' looks like one of the TCD LoRAs" in hint
     finally:
         path.unlink()
+        quiet.unlink()
 
 
 def test_the_demo_lcm_lora_follows_prompts_in_4_steps(tmp_path):

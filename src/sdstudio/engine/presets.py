@@ -87,11 +87,16 @@ def with_preset(name: str | None, base: dict[str, Any], given: dict[str, Any]) -
 def preset_hints(names: Iterable[str], sampler: str, steps: int, cfg_scale: float) -> list[str]:
     """Warnings for a model or LoRA whose name says it is a few-step one while the request is not run as its
     card says (e.g. 'sdxl_lightning_4step_lora' at 30 steps with CFG 7)."""
-    hints = []
+    hints, seen = [], set()
     for name in names:
         for key, p in PRESETS.items():
             if re.search(rf"(^|[^a-z]){key}([^a-z]|$)", name.lower()) and (steps > 2 * p.steps or cfg_scale > 2):
-                hints.append(f"{name!r} looks like one of the {p.made_for}, made for {p.describe()}: try "
-                             f"--preset {key} (the web UI's Preset menu)")
+                if key not in seen:
+                    hints.append(f"{name!r} looks like one of the {p.made_for}, made for {p.describe()}: try "
+                                 f"--preset {key} (the web UI's Preset menu)")
+                seen.add(key)
                 break
     return hints
+
+
+LORA_NAME_METADATA = ("sdstudio_preset", "ss_output_name", "modelspec.title")  # what a LoRA file says it is

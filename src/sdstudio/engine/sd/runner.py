@@ -13,7 +13,7 @@ from typing import TypeVar
 from sdstudio import __version__
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.prepared import PreparedJob
-from sdstudio.engine.presets import preset_hints
+from sdstudio.engine.presets import LORA_NAME_METADATA, preset_hints
 from sdstudio.engine.requests import GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
@@ -132,8 +132,6 @@ class SdRunner:
         request, warnings = inpaint_checks(job.request, model)
         second = requested_choice(job.request) if job.request.hires is not None else None
         warnings += [c.note for c in (job.sampler, second) if c is not None and c.note]
-        loras = [n.items[0] for n in split_networks(request.prompt).networks if n.kind in ("lora", "lyco") and n.items]
-        warnings += preset_hints([model.name, *loras], request.sampler, request.steps, request.cfg_scale)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req = resolve_request(request, job.sampler, geometry, self.settings.limits, model.name)
@@ -141,6 +139,9 @@ class SdRunner:
         log.info("%s: %d image(s), %d steps, %s / %s, seed %d", req.mode, req.total_images, req.steps,
                  req.sampler, req.schedule, req.seed)
         addons = self.addons.resolve(req.prompt, req.negative_prompt, model)
+        said = [f.metadata.get(key, "") for f, _ in addons.loras for key in LORA_NAME_METADATA]  # names, metadata
+        names = [model.name, *(f.name for f, _ in addons.loras), *filter(None, said)]
+        warnings += preset_hints(names, request.sampler, request.steps, request.cfg_scale)
         vae = self.vaes.get(job.vae, model) if job.vae else None
         tiny = preview_tiny_vae(model.ref.path, model.family, self.folders.vae, self.folders.vae_approx)
         preview = self.vaes.get(tiny, model).vae if tiny and self.settings.tiny_vae_previews else None
