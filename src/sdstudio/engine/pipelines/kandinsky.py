@@ -137,6 +137,12 @@ def check_supported(req: GenerationRequest, sampler: str, limits: Limits) -> tup
                                                                "Kandinsky 2.2 cannot use them: remove them"),
         ("ip_adapters", bool(getattr(req, "ip_adapters", ())), "IP-Adapters are for Stable Diffusion; "
                                                                "Kandinsky 2.2 cannot use them: remove them"),
+        ("guidance", req.guidance != "cfg", "guidance rules other than cfg need sdstudio's own loop; set "
+                                            "guidance to 'cfg'"),
+        ("pag_scale", req.pag_scale != 0, "perturbed-attention guidance needs sdstudio's own loop; set pag_scale "
+                                          "to 0"),
+        ("freeu", req.freeu is not False, "FreeU is for Stable Diffusion UNets; set freeu to false"),
+        ("eta", req.eta is not None, "Kandinsky 2.2's schedulers take no eta; leave eta unset"),
         ("enable_hr", req.enable_hr is not False, "hires fix needs sdstudio's own loop; set enable_hr to false"),
         ("denoising_end", req.denoising_end is not None, "the latent handoff needs sdstudio's own loop; leave "
                                                          "denoising_end unset"),
