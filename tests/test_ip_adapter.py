@@ -234,3 +234,33 @@ def test_the_infotext_states_the_unit_as_the_controlnet_extension_does(ip):
     text = ip.generate(GenerationRequest(**{**PROMPT, "batch_size": 1}, ip_adapters=(unit,))).images[0].infotext
     assert 'ControlNet 0: "Module: ip-adapter_clip_h, Model: ip-adapter_tiny [' in text
     assert "Weight: 0.7, Resize Mode: Crop and Resize, Guidance Start: 0.1, Guidance End: 0.9" in text
+
+
+def test_ip_adapter_with_a_controlnet_matches_diffusers(tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from sdstudio.engine.requests import ControlUnit
+    from tests.test_controlnet import control_picture, diffusers_pipe, tiny_controlnet
+
+    model = build_tiny("sd1", tmp_path / "sd1", seed=3)
+    tiny_controlnet(model, tmp_path / "controlnet" / "edges", 1)  # <models folder>/controlnet
+    engine = Engine(make_settings(tmp_path / "home", tmp_path))
+    install_files(tmp_path / "home", engine.load(str(model)).unet)
+    req = GenerationRequest(prompt="a red circle", model=str(model), steps=4, sampler="Euler", seed=SEED, width=64,
+                            height=64, controlnets=(ControlUnit("edges", control_picture(), weight=0.8),),
+                            ip_adapters=(IpAdapterUnit("ip-adapter-plus_tiny", (picture(),), 0.7),))
+    result = engine.generate(req)
+    home = tmp_path / "home"
+    pipe = diffusers_pipe(StableDiffusionControlNetPipeline, engine, model, result,
+                          ControlNetModel.from_pretrained(tmp_path / "controlnet" / "edges"))
+    pipe.image_encoder = load_encoder(home / "clip_vision" / "vit-tiny")
+    pipe.feature_extractor = ClipProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    adapter = read_adapter(home / "ipadapter" / ADAPTERS["plus"], HashCache(home / "hashes.json"))
+    with adapters_installed(pipe.unet, [adapter]):
+        pipe.set_ip_adapter_scale(0.7)
+        ref = pipe(prompt="a red circle", image=control_picture(), num_inference_steps=4, guidance_scale=7.0,
+                   height=64, width=64, controlnet_conditioning_scale=0.8, ip_adapter_image=[[picture()]],
+                   generator=generators(1, SEED), output_type="latent").images
+    assert (result.latents - ref).abs().max() <= IP_RTOL * ref.abs().max()
+    without = engine.generate(req.replace(ip_adapters=()))
+    assert (without.latents - result.latents).abs().max() > 1e-3
