@@ -130,6 +130,13 @@ def test_train_lcm_lora_writes_a_kohya_lora_and_resumes(tmp_path, tiny_model):
         train_lcm_lora(cfg)
 
 
+def test_train_lcm_lora_refuses_a_v_prediction_base(tmp_path, tiny_models):
+    from sdstudio.train.lcm_lora import LcmTrainConfig, train_lcm_lora
+
+    with pytest.raises(Exception, match="epsilon-prediction"):
+        train_lcm_lora(LcmTrainConfig(base=str(tiny_models["v_prediction"]), out=tmp_path / "x", steps=1))
+
+
 def test_cli_preset_lcm_on_the_demo_makes_a_correct_image_in_4_steps(tmp_path):
     from PIL import Image
 
@@ -176,3 +183,6 @@ def test_an_x0_lightning_file_predicts_the_sample_and_matches_diffusers(tmp_path
         prompt=req.prompt, num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
         generator=generators(1), output_type="latent").images
     assert (result.latents - ref).abs().max() < 1e-4
+    with pytest.raises(RequestError, match="predicts x0") as e:  # Euler a's scheduler cannot step it
+        engine.generate(req.replace(sampler="Euler a"))
+    assert e.value.field == "sampler"

@@ -264,3 +264,27 @@ def test_ip_adapter_with_a_controlnet_matches_diffusers(tmp_path):
     assert (result.latents - ref).abs().max() <= IP_RTOL * ref.abs().max()
     without = engine.generate(req.replace(ip_adapters=()))
     assert (without.latents - result.latents).abs().max() > 1e-3
+
+
+def test_wrong_family_adapters_unreadable_encoders_and_bad_payloads_are_clear(ip, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdstudio.server.payload import decode_request
+    from sdstudio.testing.tiny import tiny_unet
+
+    home = ip.settings.home
+    write_tiny_adapter(home / "ipadapter" / "ip-adapter_other.safetensors", tiny_unet(context_dim=16), "plain", 32)
+    with pytest.raises(RequestError, match="for another model family") as e:
+        ip.generate(GenerationRequest(**PROMPT, ip_adapters=(IpAdapterUnit("ip-adapter_other", (picture(),)),)))
+    assert e.value.field == "ip_adapters.model" and ip.load().unet.encoder_hid_proj is None
+    save_file({"text_model.x": torch.zeros(2)}, home / "clip_vision" / "aaa-not-vision.safetensors")
+    try:  # sorted first, it is skipped: the encoder that fits is still found
+        ip.generate(GenerationRequest(**{**PROMPT, "steps": 2}, ip_adapters=(IpAdapterUnit("ip-adapter_tiny",
+                                                                                           (picture(),)),)))
+    finally:
+        (home / "clip_vision" / "aaa-not-vision.safetensors").unlink()
+    for unit, field in [({"images": ["x"]}, "ip_adapters.model"), ({"model": 3}, "ip_adapters.model"),
+                        ({"model": "a", "images": "x"}, "ip_adapters.images"), ("unit", "ip_adapters")]:
+        with pytest.raises(RequestError) as e:
+            decode_request({"prompt": "a", "ip_adapters": [unit]})
+        assert e.value.field == field

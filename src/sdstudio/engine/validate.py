@@ -249,8 +249,11 @@ def check_ip_adapters(units: object, limits: Limits) -> None:
         raise RequestError(f"{len(units)} IP-Adapter units; the limit is {limits.max_controlnet_units}",
                            "ip_adapters")
     for unit in units:
-        if not isinstance(unit.model, str) or not unit.model.strip() or not isinstance(unit.encoder, str):
+        if not isinstance(unit.model, str) or not unit.model.strip():
             raise RequestError("an IP-Adapter unit needs a model (an IP-Adapter file by name)", "ip_adapters.model")
+        if not isinstance(unit.encoder, str):
+            raise RequestError(f"an IP-Adapter unit's encoder must be a name (or empty), got {unit.encoder!r}",
+                               "ip_adapters.encoder")
         pictures = unit.images if isinstance(unit.images, tuple | list) else ()
         if not 1 <= len(pictures) <= MAX_IP_IMAGES or not all(isinstance(im, Image.Image) for im in pictures):
             raise RequestError(f"an IP-Adapter unit needs 1 to {MAX_IP_IMAGES} pictures, got {unit.images!r}",

@@ -78,6 +78,9 @@ def ip_adapter_units(given: object, max_pixels: int, max_units: int | None) -> t
         raise RequestError(f"{len(given)} IP-Adapter units; the limit is {max_units}", "ip_adapters")
     units = []
     for i, unit in enumerate(given):
+        if not isinstance(unit.get("model"), str) or not unit["model"].strip():
+            raise RequestError(f"ip_adapters[{i}].model must name an IP-Adapter (GET /api/v1/catalog lists them)",
+                               "ip_adapters.model")
         images = unit.get("images") or ([unit["image"]] if unit.get("image") else [])
         if not isinstance(images, list) or not 1 <= len(images) <= MAX_IP_IMAGES:
             raise RequestError(f"ip_adapters[{i}].images must be a list of 1 to {MAX_IP_IMAGES} base64 pictures",

@@ -132,7 +132,7 @@ def add_studio_routes(app: FastAPI, state: ServerState) -> None:
     def submit_xyz(body: XYZBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         payload = xyz_payload(body.request, body.x, body.y, body.z)
         # bad axes, too many images, bad fields: 422 before queueing
-        check_xyz(state.engine, plan_xyz(payload, state.settings.limits.max_images))
+        check_xyz(state.engine, plan_xyz(payload, state.settings.limits))
         job = state.worker.submit(XYZ_KIND, payload, idempotency_key=body.idempotency_key or idempotency_key)
         return job_view(job, state)
 

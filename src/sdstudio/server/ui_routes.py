@@ -21,7 +21,7 @@ from sdstudio.errors import RequestError
 from sdstudio.models.load.configs import config_dir, load_tokenizer
 from sdstudio.prompts.encode import tokens_per_window
 from sdstudio.prompts.grammar import explain, parse
-from sdstudio.server.payload import decode_request, encode_request
+from sdstudio.server.payload import encode_request
 from sdstudio.server.state import ServerState, job_view
 
 WEBUI = Path(__file__).resolve().parent.parent / "webui"
@@ -68,7 +68,7 @@ def add_ui_routes(app: FastAPI, state: ServerState) -> None:
     def outpaint(body: OutpaintBody, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         """Queue an inpainting job that extends the init image: the canvas is pre-filled and masked here,
         so the stored job is a plain inpainting request (re-runnable as it is)."""
-        base = decode_request(body.request)
+        base = state.decode(body.request)
         check_types(base)  # the fields are read before Engine.prepare sees them
         if base.init_image is None:
             raise RequestError("outpainting needs the picture to extend in request.init_image", "init_image")

@@ -29,6 +29,7 @@ from sdstudio.engine.workflows.xyz import (
 )
 from sdstudio.errors import RequestError
 from sdstudio.server.payload import decode_request
+from sdstudio.settings import Limits
 from sdstudio.storage.results import saved_entries
 
 XYZ_KIND = "xyz"
@@ -40,10 +41,12 @@ def xyz_payload(request: dict[str, Any], x: str, y: str | None = None, z: str | 
     return {"request": request, "x": x, "y": y, "z": z}
 
 
-def plan_xyz(payload: Mapping[str, Any], max_images: int | None = None) -> XYZPlan:
+def plan_xyz(payload: Mapping[str, Any], limits: Limits) -> XYZPlan:
     """The plan of an xyz payload; a bad axis is a RequestError whose field is "x", "y" or "z"; a plot of more
-    than `max_images` images is refused before any cell is made."""
-    base = decode_request(payload.get("request"))  # type: ignore[arg-type]
+    than `limits.max_images` images is refused before any cell is made, and pictures and units over the limits
+    before they are decoded."""
+    base = decode_request(payload.get("request"), limits.max_upload_pixels,  # type: ignore[arg-type]
+                          limits.max_controlnet_units)
     check_types(base)  # the fields are read before Engine.prepare sees them
     specs: dict[str, str | None] = {}
     for name in AXES:
@@ -59,7 +62,7 @@ def plan_xyz(payload: Mapping[str, Any], max_images: int | None = None) -> XYZPl
                 parse_axis(spec, base)
             except RequestError as e:
                 raise RequestError(f"{name}: {e}", name) from None
-    return build_plan(base, specs["x"], specs["y"], specs["z"], max_images)  # type: ignore[arg-type]
+    return build_plan(base, specs["x"], specs["y"], specs["z"], limits.max_images)  # type: ignore[arg-type]
 
 
 def check_xyz(engine: Engine, plan: XYZPlan) -> None:
@@ -79,7 +82,7 @@ def run_xyz_job(engine: Engine, payload: Mapping[str, Any], images_dir: Path,
                 on_event: Callable[[ProgressEvent], None] | None = None,
                 cancel: CancelToken | None = None) -> dict[str, Any]:
     """Plan, generate every cell, save grids and images under `images_dir`; the history record."""
-    plan = plan_xyz(payload, engine.settings.limits.max_images)
+    plan = plan_xyz(payload, engine.settings.limits)
     progress = (lambda p: on_event(plot_event(p))) if on_event else None
     result = run_xyz(engine, plan, progress=progress, cancel=cancel)
     return xyz_record(result, save_xyz(result, images_dir), images_dir)

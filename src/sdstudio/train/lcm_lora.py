@@ -28,10 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdstudio.models.tools.layout import SD15_SCHEDULER
 from sdstudio.train.data import batch_indices, open_data
 from sdstudio.train.latents import LatentSource
-from sdstudio.train.loop import Optimizer, config_json, resume_point, run_steps
+from sdstudio.train.loop import Optimizer, TrainConfigError, config_json, resume_point, run_steps
 from sdstudio.train.sd import load_vae
 from sdstudio.train.state import ProgressFn, save_state, state_dir, step_generator
 
@@ -120,6 +119,10 @@ def lora_file(out: Path) -> Path:
 
 def train_lcm_lora(cfg: LcmTrainConfig, progress: ProgressFn | None = None, resume: bool = False) -> Path:
     base = Path(cfg.base)
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+    if (base / "text_encoder_2").is_dir() or scheduler.config.prediction_type != "epsilon":
+        raise TrainConfigError(f"{base.name}: the LCM-LoRA trainer distils SD 1.x/2.x epsilon-prediction models; this "
+                               "one is SDXL or predicts v/x0 (use the published lcm-lora-sdxl for SDXL)")
     saved = resume_point(cfg.out, cfg, resume)
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32,
@@ -129,7 +132,7 @@ def train_lcm_lora(cfg: LcmTrainConfig, progress: ProgressFn | None = None, resu
     torch.manual_seed(cfg.seed)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=list(TARGETS),
                                 init_lora_weights="gaussian"))
-    alphas = DDPMScheduler.from_config(SD15_SCHEDULER).alphas_cumprod  # (1000,)
+    alphas = scheduler.alphas_cumprod  # (1000,) the teacher's own noise schedule
     data = open_data(cfg.data, cfg.seed, cfg.resolution)
     latents = LatentSource(load_vae(str(base)), data, cfg.resolution, cache=True)
     params = [p for p in unet.parameters() if p.requires_grad]

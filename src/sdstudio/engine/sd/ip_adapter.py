@@ -25,7 +25,7 @@ from torch import Tensor
 from transformers import CLIPVisionModelWithProjection
 
 from sdstudio.engine.requests import IpAdapterUnit
-from sdstudio.errors import RequestError
+from sdstudio.errors import RequestError, SdStudioError
 from sdstudio.models.find.catalog import ModelFolders
 from sdstudio.models.find.hashing import HashCache
 from sdstudio.models.load.ip_adapter import (
@@ -152,12 +152,13 @@ class ImagePromptLibrary:
                                f"{', '.join(str(d) for d in self.folders.clip_vision)}", "ip_adapters.encoder")
         return FoundUnit(adapter, None)
 
-    def load(self, units: Sequence[IpAdapterUnit], found: Sequence[FoundUnit], device: torch.device,
-             dtype: torch.dtype) -> tuple[list[AdapterFile], tuple[ImagePrompt, ...]]:
+    def load(self, units: Sequence[IpAdapterUnit], found: Sequence[FoundUnit], unet: UNet2DConditionModel,
+             device: torch.device, dtype: torch.dtype) -> tuple[list[AdapterFile], tuple[ImagePrompt, ...]]:
         """The adapter files to install and each unit's encoded images."""
         files, prompts = [], []
         for unit, where in zip(units, found, strict=True):
             adapter = self.cache.adapter(where.adapter)
+            check_fits_unet(adapter, unet)
             encoder = self.cache.encoder(where.encoder or self.fitting_encoder(adapter), device, dtype)
             if not encoder_fits(encoder.config, adapter):
                 raise RequestError(f"{where.encoder.name if where.encoder else 'the encoder'} does not fit "
@@ -171,10 +172,27 @@ class ImagePromptLibrary:
         return files, tuple(prompts)
 
     def fitting_encoder(self, adapter: AdapterFile) -> Path:
-        encoders = available_encoders(self.folders.clip_vision)
+        encoders, unreadable = available_encoders(self.folders.clip_vision), []
         for path in encoders:
-            if encoder_fits(self.cache.config(path), adapter):
-                return path
+            try:
+                if encoder_fits(self.cache.config(path), adapter):
+                    return path
+            except (SdStudioError, OSError, ValueError):  # not a CLIP image encoder: skipped, and said below
+                unreadable.append(path.name)
         need = "hidden size" if adapter.hidden_states else "projection width"
+        skipped = f" (not CLIP image encoders: {', '.join(unreadable)})" if unreadable else ""
         raise RequestError(f"no image encoder fits {adapter.name} ({adapter.kind}, needs {need} {adapter.width}); "
-                           f"installed: {', '.join(p.name for p in encoders) or 'none'}", "ip_adapters.encoder")
+                           f"installed: {', '.join(p.name for p in encoders) or 'none'}{skipped}",
+                           "ip_adapters.encoder")
+
+
+def check_fits_unet(adapter: AdapterFile, unet: UNet2DConditionModel) -> None:
+    """An adapter made for this UNet: one to_k_ip per cross-attention layer, reading its context width."""
+    layers = sum(1 for name in unet.attn_processors if name.endswith("attn2.processor"))
+    keys = [k for k in adapter.state["ip_adapter"] if k.endswith(".to_k_ip.weight")]
+    first = adapter.state["ip_adapter"].get("1.to_k_ip.weight")
+    if len(keys) != layers or first is None or first.shape[1] != unet.config.cross_attention_dim:
+        width = None if first is None else first.shape[1]
+        raise RequestError(f"{adapter.name} is an IP-Adapter for another model family ({len(keys)} layers of width "
+                           f"{width}; this model has {layers} of width {unet.config.cross_attention_dim}): use one "
+                           "made for this model's family (SD 1.5 or SDXL)", "ip_adapters.model")

@@ -34,6 +34,7 @@ from sdstudio.models.load.vae import VaeCache, find_vae
 from sdstudio.prompts.build import PromptPlan, plan_prompts
 from sdstudio.prompts.grammar_nodes import PromptSyntaxError
 from sdstudio.prompts.grammar_parse import split_networks
+from sdstudio.samplers import SamplerChoice
 from sdstudio.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class SdRunner:
         request, warnings = inpaint_checks(job.request, model)
         second = requested_choice(job.request) if job.request.hires is not None else None
         warnings += [c.note for c in (job.sampler, second) if c is not None and c.note]
+        for choice in (job.sampler, second):
+            check_prediction(choice, model)
         depth = min(e.config.num_hidden_layers for e in model.text.encoders)
         geometry = ModelGeometry(model.vae_scale_factor, model.native_size, depth, model.latent_channels)
         req = resolve_request(request, job.sampler, geometry, self.settings.limits, model.name)
@@ -149,7 +152,8 @@ class SdRunner:
         if req.ip_adapters and model.offload == "sequential":
             raise RequestError("IP-Adapters add layers to the UNet, which sequential offload streams from the CPU; "
                                "use --offload model or none with them", "ip_adapters")
-        adapters, images = self.image_prompts.load(req.ip_adapters, job.adapters, model.device, model.dtype)
+        adapters, images = self.image_prompts.load(req.ip_adapters, job.adapters, model.unet, model.device,
+                                                   model.dtype)
         annotators = self.settings.home / "annotators"
         prompts = addons.expand(job.prompts)
         if req.hires is not None:  # hires fix: a second pass after each batch, on the same model
@@ -169,6 +173,21 @@ class SdRunner:
     def load_control(self, path: Path, model: LoadedModel) -> LoadedControl:
         net = self.controlnets.get(path, model.unet, model.device, model.dtype)
         return LoadedControl(net, path.stem if path.is_file() else path.name, self.controlnets.short_hash(path))
+
+
+# diffusers schedulers that cannot step an x0 ("sample") prediction
+NO_SAMPLE_PREDICTION = ("EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+                        "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "PNDMScheduler")
+
+
+def check_prediction(choice: SamplerChoice | None, model: LoadedModel) -> None:
+    """A model that predicts x0 (SDXL-Lightning's 1-step files) with a sampler whose scheduler cannot take it."""
+    if choice is None or model.prediction_type != "sample":
+        return
+    kind = type(choice.build(model.scheduler_config, [0], xl=model.is_xl)).__name__
+    if kind in NO_SAMPLE_PREDICTION:
+        raise RequestError(f"{model.name} predicts x0 (\"sample\"), which the {choice.sampler.name} sampler cannot "
+                           "step: use Euler (--preset lightning) or another sampler", "sampler")
 
 
 def inpaint_checks(req: GenerationRequest, model: LoadedModel) -> tuple[GenerationRequest, list[str]]:

@@ -351,7 +351,10 @@ export class Studio {
     this.controls.clear();
     for (const unit of request.controlnets || []) this.controls.add(unit);
     this.imagePrompts.clear();
-    for (const unit of request.ip_adapters || []) this.imagePrompts.add(unit);
+    for (const unit of request.ip_adapters || []) {  // a record keeps pictures by hash: those units need new ones
+      const images = (unit.images || []).filter((im) => typeof im === "string");
+      if (images.length) this.imagePrompts.add({ ...unit, images });
+    }
     this.setMode(mode);
   }
 
