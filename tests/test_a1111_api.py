@@ -144,7 +144,7 @@ def test_listings_and_extras(api):
     assert "Karras" in {s["label"] for s in api.get_schedulers()}
     assert "Lanczos" in {u["name"] for u in api.get_upscalers()}
     assert "Latent (bicubic)" in {m["name"] for m in api.get_latent_upscale_modes()}
-    assert api.get_sd_vae() == [] and api.get_loras() == []
+    assert api.get_sd_vae() == [] and [lora["name"] for lora in api.get_loras()] == ["lcm-lora-demo"]
     assert api.get_options()["CLIP_stop_at_last_layers"] == 1
 
 

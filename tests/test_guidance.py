@@ -12,13 +12,12 @@ from sdstudio import GenerationRequest
 from sdstudio.engine.sd.guidance import FREEU_PRESETS, Guide, freeu_values
 from sdstudio.errors import RequestError
 from tests.conftest import make_settings
-from tests.test_parity import LATENT_TOL, SEED, assert_same, diffusers_pipe, generators
+from tests.test_parity import SEED, assert_close_latents, assert_same, diffusers_pipe, generators
 from tests.test_sdxl import xl_pipe
 
 PROMPT = dict(prompt="a small red circle at the top left", negative_prompt="blurry", steps=6, cfg_scale=7.5,
               seed=SEED, batch_size=2)
 FREEU = (1.5, 1.6, 0.9, 0.2)
-PAG_RTOL = 1e-5  # max |ours - diffusers| / max |diffusers| on final latents (PAG, FreeU); measured ~6e-6
 
 
 def reference(pipe, req: GenerationRequest, **extra):
@@ -40,11 +39,9 @@ def test_freeu_matches_diffusers_enable_freeu_and_changes_the_image(engine, samp
         ref_latents, ref_images = reference(pipe, req)
     finally:
         pipe.disable_freeu()
-    # FreeU's FFT filter rounds differently image by image and batched: measured 1.3e-4 on an AMD EPYC, |latents| ~ 40
-    assert (result.latents - ref_latents).abs().max() <= PAG_RTOL * ref_latents.abs().max()
-    assert_same(result.latents, [im.image for im in result.images], result.latents, ref_images)
+    assert_same(result.latents, [im.image for im in result.images], ref_latents, ref_images)
     plain = engine.generate(req.replace(freeu=False))
-    assert (plain.latents - result.latents).abs().max() > 100 * LATENT_TOL  # FreeU acted, and was undone after
+    assert (plain.latents - result.latents).abs().max() > 1e-2  # FreeU acted, and was undone after
     assert torch.equal(engine.generate(req.replace(freeu=False)).latents, plain.latents)
 
 
@@ -64,10 +61,8 @@ def test_pag_matches_diffusers_pag_pipeline(engine, cfg):
     pipe = StableDiffusionPAGPipeline(**plain.components, requires_safety_checker=False, pag_applied_layers=["mid"])
     pipe.set_progress_bar_config(disable=True)
     ref_latents, ref_images = reference(pipe, req, pag_scale=3.0)
-    # diffusers runs the perturbed branch in the guidance batch, we as its own UNet call: float32 rounding
-    # differs, so the tolerance is relative to the latents' size (|latents| ~ 30 in this random tiny model)
-    assert (result.latents - ref_latents).abs().max() <= PAG_RTOL * ref_latents.abs().max()
-    assert_same(result.latents, [im.image for im in result.images], result.latents, ref_images)
+    # diffusers runs the perturbed branch in the guidance batch, we as its own UNet call (see LATENT_RTOL)
+    assert_same(result.latents, [im.image for im in result.images], ref_latents, ref_images)
     assert not torch.equal(engine.generate(req.replace(pag_scale=0.0)).latents, result.latents)
 
 
@@ -90,7 +85,7 @@ def test_freeu_on_sdxl_matches_diffusers(tmp_path_factory):
     finally:
         pipe.disable_freeu()
     without_pag = xl.generate(req.replace(pag_scale=0.0))
-    assert (without_pag.latents - ref).abs().max() < LATENT_TOL
+    assert_close_latents(without_pag.latents, ref)
     assert not torch.equal(without_pag.latents, result.latents)  # PAG runs on the SDXL UNet's mid block too
 
 

@@ -12,7 +12,10 @@ from sdstudio import GenerationRequest
 from sdstudio.engine.sd.stages import encode_image
 
 SAMPLERS = [("Euler", "Automatic"), ("DDIM", "Automatic"), ("DPM++ 2M", "Karras"), ("UniPC", "Automatic")]
-LATENT_TOL = 1e-4  # max |ours - diffusers| on final latents; measured ~1e-6
+# max |ours - diffusers| / max |diffusers| on final latents. float32 rounding differs with the CPU's kernels and
+# with batching (image by image vs batched; a branch in its own UNet call): measured up to 6e-6 on an AMD EPYC
+# (|latents| ~ 20-40 in these random tiny models), ~1e-7 on an Intel Xeon
+LATENT_RTOL = 1.5e-5
 SEED = 1234
 
 
@@ -32,9 +35,13 @@ def engine_for(prediction, engine, v_engine):
     return engine if prediction == "epsilon" else v_engine
 
 
+def assert_close_latents(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    diff, size = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert diff <= LATENT_RTOL * size, f"latents differ by {diff} (largest |latent| {size})"
+
+
 def assert_same(ours_latents, ours_images, ref_latents, ref_images):
-    diff = (ours_latents - ref_latents).abs().max().item()
-    assert diff < LATENT_TOL, f"latents differ by {diff}"
+    assert_close_latents(ours_latents, ref_latents)
     for mine, theirs in zip(ours_images, ref_images, strict=True):
         pixel_diff = np.abs(np.asarray(mine, np.int16) - np.asarray(theirs, np.int16)).max()
         assert pixel_diff <= 1, f"images differ by {pixel_diff} levels"

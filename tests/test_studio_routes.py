@@ -68,7 +68,8 @@ def test_catalog_lists_what_requests_accept(client, tiny_model):
     assert "demo-canny" in cat["controlnets"] and {"canny", "openpose", "inpaint"} <= set(cat["preprocessors"])
     assert "Lanczos" in cat["upscalers"] and "Latent" in cat["latent_upscale_modes"]
     assert cat["masked_content"] == ["fill", "original", "latent noise", "latent nothing"]
-    assert cat["inpaint_methods"] == ["auto", "condition", "blend"] and cat["vaes"] == [] and cat["loras"] == []
+    assert cat["inpaint_methods"] == ["auto", "condition", "blend"] and cat["vaes"] == []
+    assert cat["loras"] == ["lcm-lora-demo"]  # the demo's LCM-LoRA ships with the package
     assert cat["limits"]["max_steps"] == 150 and cat["limits"]["max_pixels"] == 2048 * 2048
     defaults = cat["defaults"]
     assert (defaults["steps"], defaults["cfg_scale"], defaults["sampler"], defaults["schedule"]) == \
@@ -98,9 +99,10 @@ def test_lora_and_embedding_cards_show_the_preview_kept_beside_the_file(client):
         cards = client.get("/api/v1/catalog").json()["networks"]
         assert cards == [{"kind": "lora", "name": "ink wash", "preview": "/api/v1/previews/lora/ink%20wash"},
                          {"kind": "lora", "name": "plain", "preview": None},
+                         {"kind": "lora", "name": "lcm-lora-demo", "preview": None},  # packaged, listed last
                          {"kind": "embedding", "name": "bad-hands", "preview": "/api/v1/previews/embedding/bad-hands"}]
         assert png(client.get(cards[0]["preview"])).size == shapes_image().size
-        assert client.get(cards[2]["preview"]).headers["content-type"] == "image/jpeg"
+        assert client.get(cards[3]["preview"]).headers["content-type"] == "image/jpeg"
         for missing in ("/api/v1/previews/lora/plain", "/api/v1/previews/vae/ink%20wash"):
             answer = client.get(missing)
             assert answer.status_code == 404 and "no preview picture" in answer.json()["detail"], missing

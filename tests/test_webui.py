@@ -487,8 +487,8 @@ def test_lora_and_embedding_cards_insert_into_the_prompt_box_last_used(page, web
         page.click("#refresh-catalog")
         page.click("#networks summary")
         cards = page.locator("#network-cards .card")
-        sync_api.expect(cards).to_have_count(2)
-        sync_api.expect(page.locator("#network-count")).to_have_text("(2)")
+        sync_api.expect(cards).to_have_count(3)  # with the demo's packaged LCM-LoRA
+        sync_api.expect(page.locator("#network-count")).to_have_text("(3)")
         page.wait_for_function("() => document.querySelector('#network-cards img')?.naturalWidth === 64")
         page.fill("#prompt", "a red circle")
         page.click(".card[data-name='ink wash']")
