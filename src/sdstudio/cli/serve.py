@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import threading
 import time
 import webbrowser
@@ -13,6 +14,7 @@ import typer
 
 from sdstudio import __version__
 from sdstudio.cli.common import err, fail, quiet_libraries, settings_from
+from sdstudio.server.cluster.options import ClusterOptions
 from sdstudio.settings import Limits, Settings
 
 
@@ -39,6 +41,18 @@ def serve(ctx: typer.Context,
           limit: Annotated[list[str] | None, typer.Option(
               "--limit", help="name=value: a request limit (repeatable), e.g. max_work=1e8, max_images=16; "
                               "`sdstudio serve --limit list` shows them with their defaults.")] = None,
+          workers: Annotated[str, typer.Option(help="thread: one worker thread owns this machine's device; ray: "
+                                                    "engine workers on a Ray cluster (pip install 'sdstudio[ray]').")]
+          = "thread",
+          address: Annotated[str | None, typer.Option(help="With --workers ray: the cluster to join (auto: the one "
+                                                           "`ray start` runs here; ray://host:10001); default: start "
+                                                           "one on this machine.")] = None,
+          gpus_per_worker: Annotated[float, typer.Option(help="With --workers ray: GPUs per engine worker (0.5 puts "
+                                                              "two on one GPU).")] = 1.0,
+          workers_per_node: Annotated[int, typer.Option(help="With --workers ray on nodes without GPUs: engine "
+                                                             "workers per node.")] = 1,
+          autoscale: Annotated[bool, typer.Option("--autoscale", help="With --workers ray: ask the Ray autoscaler "
+                                                                      "for a worker per queued job.")] = False,
           quiet: Annotated[bool, typer.Option("--quiet", help="No start-up summary and no request log.")] = False,
           open_browser: Annotated[bool, typer.Option("--open", help="Open the web UI in the browser once the "
                                                                     "server is up.")] = False) -> None:
@@ -64,10 +78,11 @@ def serve(ctx: typer.Context,
         settings = dataclasses.replace(settings, outputs_dir=outputs)
     quiet_libraries()
     try:
+        cluster = cluster_options(workers, address, gpus_per_worker, workers_per_node, autoscale)
         app = create_app(settings, data_dir or settings.home / "server", auth=parse_auth(api_auth),
                          allowed_hosts=allowed_hosts_for(host, allowed_host or []),
-                         allowed_origins=tuple(allow_origin or ()))
-    except SdStudioError as e:
+                         allowed_origins=tuple(allow_origin or ()), cluster=cluster)
+    except (SdStudioError, ValueError) as e:
         fail(str(e))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_auth:
         err.print("[yellow]warning:[/yellow] listening beyond this machine without --api-auth")
@@ -78,6 +93,18 @@ def serve(ctx: typer.Context,
     if open_browser:
         threading.Thread(target=open_when_up, args=(server, url), daemon=True).start()
     server.run()
+
+
+def cluster_options(workers: str, address: str | None, gpus_per_worker: float, workers_per_node: int,
+                    autoscale: bool) -> ClusterOptions | None:
+    """None for the thread worker; ValueError saying what to change for a bad choice or a missing Ray."""
+    if workers not in ("thread", "ray"):
+        raise ValueError(f"--workers takes thread or ray, got {workers!r}")
+    if workers == "thread":
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("--workers ray needs Ray: pip install 'sdstudio[ray]'")
+    return ClusterOptions(address, gpus_per_worker, workers_per_node=workers_per_node, autoscale=autoscale)
 
 
 def start_summary(url: str, host: str, data_dir: Path, settings: Settings, auth: bool) -> str:

@@ -26,9 +26,11 @@ from sdstudio.server.a1111_discovery import add_discovery_routes
 from sdstudio.server.a1111_extras import add_extras_routes
 from sdstudio.server.a1111_settings import A1111Settings
 from sdstudio.server.state import ServerState
+from sdstudio.server.worker import JobProgress
 from sdstudio.storage.images import text_chunks
 
 log = logging.getLogger(__name__)
+NOTHING_RUNNING = JobProgress("", 0.0, 0, 0, 0, 0, 0.0)
 A1111_KIND = "sdapi"  # the job kind of A1111-route jobs, as history shows them
 
 
@@ -117,19 +119,17 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        p = worker.progress
-        with p.lock:
-            running, fraction = p.job_id, p.fraction
-            step, steps, iteration, n_iter = p.step, p.steps, p.iteration, p.n_iter
+        live = worker.live() or NOTHING_RUNNING  # the job running longest
         opts = settings.current
-        live = opts.get("live_previews_enable") and opts.get("show_progress_every_n_steps") != -1
-        image = worker.preview_png(running) if live and not skip_current_image else None
-        queued = store.history(0, 1, status="queued")[1]
-        return {"progress": fraction if running else 0.0, "eta_relative": p.eta() if running else 0.0,
-                "state": {"skipped": False, "interrupted": False, "job": running or "", "job_count": queued +
-                          (1 if running else 0), "job_timestamp": "", "job_no": iteration, "sampling_step": step,
-                          "sampling_steps": steps, "n_iter": n_iter},
-                "current_image": image, "textinfo": None, "current_task": running}
+        show = opts.get("live_previews_enable") and opts.get("show_progress_every_n_steps") != -1
+        image = worker.preview_png(live.job_id) if live.job_id and show and not skip_current_image else None
+        counts = store.counts()
+        return {"progress": live.fraction, "eta_relative": live.eta,
+                "state": {"skipped": False, "interrupted": False, "job": live.job_id,
+                          "job_count": counts["queued"] + counts["running"], "job_timestamp": "",
+                          "job_no": live.iteration, "sampling_step": live.step, "sampling_steps": live.steps,
+                          "n_iter": live.n_iter},
+                "current_image": image, "textinfo": None, "current_task": live.job_id or None}
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt() -> dict[str, Any]:

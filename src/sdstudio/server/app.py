@@ -29,6 +29,8 @@ from sdstudio.errors import NotFound, RequestError, SdStudioError
 from sdstudio.server.a1111_routes import a1111_error, add_a1111_routes
 from sdstudio.server.body_checks import BodyLimit, CheckedJSONRoute
 from sdstudio.server.browser_guards import BrowserGuards
+from sdstudio.server.cluster.options import ClusterOptions
+from sdstudio.server.metrics_routes import add_metrics_routes
 from sdstudio.server.state import ServerState, get_job, job_view
 from sdstudio.server.studio_routes import add_studio_routes
 from sdstudio.server.ui_routes import add_ui_routes
@@ -54,10 +56,11 @@ class JobBody(BaseModel):
 
 def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
                auth: dict[str, str] | None = None, allowed_hosts: list[str] | None = None,
-               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+               allowed_origins: tuple[str, ...] = (), cluster: ClusterOptions | None = None) -> FastAPI:
     """auth: user -> password; when given, every route (docs included) needs HTTP Basic credentials.
     allowed_hosts: Host names requests must carry (None: any); allowed_origins: web pages that may change state
-    besides this server's own (browser_guards.py).
+    besides this server's own (browser_guards.py). cluster: run jobs on Ray actors (cluster/) instead of the one
+    worker thread.
     Model-like fields take names only (a path from the network is never opened: models/find/names.py)."""
     settings = dataclasses.replace(settings, names_only=True)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
         log.warning("recovered %d job(s) left running by the last shutdown", len(recovered))
     engine = Engine(settings)
     images_dir = settings.outputs_dir.resolve()  # the outputs folder every door writes to (A1111's layout)
-    worker = Worker(engine, store, images_dir)
+    worker = make_worker(engine, store, images_dir, cluster)
     state = ServerState(settings, engine, store, worker, images_dir, private_roots(settings, data_dir), data_dir)
 
     @asynccontextmanager
@@ -88,6 +91,7 @@ def create_app(settings: Settings, data_dir: Path, start_worker: bool = True,
     app.add_middleware(BrowserGuards, allowed_hosts=allowed_hosts, origins=allowed_origins)
     add_a1111_routes(app, state)
     add_studio_routes(app, state)
+    add_metrics_routes(app, state)
     if auth:
         add_basic_auth(app, auth)
 
@@ -173,6 +177,15 @@ async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:
             view["preview"] = preview
         yield f"event: progress\ndata: {json.dumps(view)}\n\n"
         await asyncio.sleep(0.25)
+
+
+def make_worker(engine: Engine, store: JobStore, images_dir: Path, cluster: ClusterOptions | None) -> Worker:
+    """The thread worker, or with cluster options the Ray dispatcher (the only place Ray is imported)."""
+    if cluster is None:
+        return Worker(engine, store, images_dir)
+    from sdstudio.server.cluster.dispatch import RayWorker
+
+    return RayWorker(engine, store, images_dir, cluster)
 
 
 def private_roots(settings: Settings, data_dir: Path) -> dict[str, str]:

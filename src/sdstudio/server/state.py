@@ -68,8 +68,8 @@ def job_view(job: JobRecord, state: ServerState) -> dict[str, Any]:
                             "prompt": request.get("prompt", "") if isinstance(request, dict) else ""}
     if job.status == "queued":
         view["position"] = state.store.queue_position(job.id)
-    if job.status == "running" and state.worker.progress.job_id == job.id:
-        view["progress"] = state.worker.progress.fraction
+    if job.status == "running" and (live := state.worker.live(job.id)) is not None:
+        view["progress"] = live.fraction
     if job.result:
         view["result"] = {**{k: v for k, v in job.result.items() if k != "images"},
                           "images": [f"/api/v1/images/{job.id}/{i}" for i in range(len(job.result["images"]))]}

@@ -56,8 +56,30 @@ class LiveProgress:
         return elapsed * (1 - self.fraction) / self.fraction
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """A snapshot of one running job's progress, as the progress routes show it."""
+
+    job_id: str
+    fraction: float
+    step: int
+    steps: int
+    iteration: int
+    n_iter: int
+    eta: float
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def failure_reason(error: Exception) -> str:
+    """What a failed job's record says: the error's own message for ours, never internals for the rest."""
+    if isinstance(error, SdStudioError):
+        return str(error)
+    if is_out_of_memory(error):
+        return "out of memory: try a smaller size or batch, or --offload model"
+    return f"internal error ({type(error).__name__}); see the server log"
 
 
 class Worker:
@@ -76,6 +98,7 @@ class Worker:
         # truth: a job without one here (queued before a restart, or by another process) is prepared from it
         self._prepared: dict[str, PreparedJob] = {}
         self._prepared_lock = threading.Lock()
+        self._busy = 0.0  # seconds spent on finished jobs (/metrics)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
@@ -119,6 +142,14 @@ class Worker:
         {"cancel": token.cancel, "interrupt": token.interrupt, "skip": token.skip}[how]()
         return True
 
+    def live(self, job_id: str | None = None) -> JobProgress | None:
+        """The running job's progress (only `job_id`'s when given); None when none runs."""
+        with self.progress.lock:
+            p = self.progress
+            if p.job_id is None or (job_id is not None and job_id != p.job_id):
+                return None
+            return JobProgress(p.job_id, p.fraction, p.step, p.steps, p.iteration, p.n_iter, p.eta())
+
     def preview_png(self, job_id: str | None = None) -> str | None:
         """The running job's live preview as base64 PNG (only `job_id`'s when given); None if there is none."""
         with self.progress.lock:
@@ -148,7 +179,17 @@ class Worker:
 
     def run_job(self, job: JobRecord) -> None:
         with self.device_lock:
-            self._run_job(job)
+            started = time.monotonic()
+            try:
+                self._run_job(job)
+            finally:
+                self._busy += time.monotonic() - started
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds each engine worker spent on jobs (here the one thread), the running job's so far included."""
+        with self.progress.lock:
+            running = time.monotonic() - self.progress.started if self.progress.job_id else 0.0
+        return {"thread": self._busy + running}
 
     def _run_job(self, job: JobRecord) -> None:
         token = self.cancel_token = CancelToken()
@@ -166,22 +207,23 @@ class Worker:
             self.store.finish(job.id, record)
         except Cancelled:
             self.store.mark_cancelled(job.id)
-        except SdStudioError as e:
-            self.store.fail(job.id, str(e))
         except Exception as e:  # the worker must outlive any job
-            reason = ("out of memory: try a smaller size or batch, or --offload model" if is_out_of_memory(e)
-                      else f"internal error ({type(e).__name__}); see the server log")
-            log.exception("job %s failed", job.id)
-            self.store.fail(job.id, reason)
+            if not isinstance(e, SdStudioError):
+                log.exception("job %s failed", job.id)
+            self.store.fail(job.id, failure_reason(e))
         finally:
             with self.progress.lock:
                 self.progress.job_id, self.progress.preview = None, None
             self.cancel_token = None
-            with self._finished:
-                self._finished.notify_all()
+            self.ended()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def ended(self) -> None:
+        """Wake the requests waiting on a job (`wait`): one has ended."""
+        with self._finished:
+            self._finished.notify_all()
 
     def _generate(self, job: JobRecord, on_event: Callable[[ProgressEvent], None],
                   token: CancelToken) -> dict[str, Any]:

@@ -82,9 +82,19 @@ def run_xyz_job(engine: Engine, payload: Mapping[str, Any], images_dir: Path,
                 on_event: Callable[[ProgressEvent], None] | None = None,
                 cancel: CancelToken | None = None) -> dict[str, Any]:
     """Plan, generate every cell, save grids and images under `images_dir`; the history record."""
+    return save_xyz_job(make_xyz(engine, payload, on_event, cancel), images_dir)
+
+
+def make_xyz(engine: Engine, payload: Mapping[str, Any], on_event: Callable[[ProgressEvent], None] | None = None,
+             cancel: CancelToken | None = None) -> XYZResult:
+    """Plan and generate every cell (a cluster worker does this; the server saves)."""
     plan = plan_xyz(payload, engine.settings.limits)
     progress = (lambda p: on_event(plot_event(p))) if on_event else None
-    result = run_xyz(engine, plan, progress=progress, cancel=cancel)
+    return run_xyz(engine, plan, progress=progress, cancel=cancel)
+
+
+def save_xyz_job(result: XYZResult, images_dir: Path) -> dict[str, Any]:
+    """Save grids and images under `images_dir`; the history record."""
     return xyz_record(result, save_xyz(result, images_dir), images_dir)
 
 

@@ -313,23 +313,37 @@ class JobStore:
 
         Call it before the worker starts. A job whose cancel was requested is marked cancelled instead.
         """
+        with self._read() as tx:
+            ids = [row[0] for row in tx.all("SELECT id FROM jobs WHERE status = 'running' ORDER BY seq")]
+        for job_id in ids:
+            self.requeue(job_id, "the server stopped while this job was running", max_attempts)
+        if ids:
+            log.info("recovered %d job(s) left running: %s", len(ids), ", ".join(ids))
+        return ids
+
+    def requeue(self, job_id: str, why: str, max_attempts: int = 2) -> JobRecord | None:
+        """A running job whose run was lost (a crash, a dead cluster worker): queued again at its turn, or
+        failed with `why` once it used `max_attempts`, or cancelled when its cancel was requested."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        now = time.time()
         with self._write() as tx:
-            rows = tx.all("SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running' ORDER BY seq")
-            for job_id, attempts, cancel_requested in rows:
+            row = tx.one("SELECT attempts, cancel_requested FROM jobs WHERE id = ? AND status = 'running'", job_id)
+            if row is not None:
+                attempts, cancel_requested = row
                 if cancel_requested:
-                    tx.run("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", now, job_id)
+                    tx.run("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", time.time(), job_id)
                 elif attempts < max_attempts:
                     tx.run("UPDATE jobs SET status = 'queued', started = NULL, progress = NULL WHERE id = ?", job_id)
                 else:
-                    reason = f"the server stopped while this job was running (attempt {attempts})"
                     tx.run("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE id = ?",
-                           now, reason, job_id)
-        if rows:
-            log.info("recovered %d job(s) left running: %s", len(rows), ", ".join(r[0] for r in rows))
-        return [r[0] for r in rows]
+                           time.time(), f"{why} (attempt {attempts})", job_id)
+            return tx.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each status (queued, running, done, failed, cancelled)."""
+        with self._read() as tx:
+            found = dict(tx.all("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+        return {status: int(found.get(status, 0)) for status in ("queued", "running", "done", "failed", "cancelled")}
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -32,6 +32,12 @@ class JobQueue(Protocol):
     def recover(self, max_attempts: int = 2) -> list[str]:
         """After a restart: re-queue the jobs left running (failing those tried too often); their ids."""
 
+    def requeue(self, job_id: str, why: str, max_attempts: int = 2) -> JobRecord | None:
+        """A running job whose run was lost: queued again, or failed with `why` after `max_attempts`."""
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status."""
+
     def get(self, job_id: str) -> JobRecord | None: ...
 
     def queue_position(self, job_id: str) -> int | None: ...
