@@ -19,14 +19,21 @@ from sdstudio.settings import PACKAGED_MODELS
 from sdstudio.testing.live import live_server
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
+@pytest.fixture(scope="module", params=["thread", pytest.param("ray", marks=pytest.mark.ray)])
+def api(request, tmp_path_factory):
+    """The real webuiapi client against the server, its jobs run by the worker thread or by Ray actors."""
+    cluster = None
+    if request.param == "ray":
+        pytest.importorskip("ray")
+        from sdstudio.server.cluster.options import ClusterOptions
+
+        cluster = ClusterOptions()  # starts a local Ray instance, and stops it with the server
     home = tmp_path_factory.mktemp("a1111-home")
     shutil.copytree(PACKAGED_MODELS / "demo", home / "models" / "demo-copy")  # a second model to switch to
     settings = Settings.from_env(home=home, outputs_dir=home / "outputs", device=torch.device("cpu"),
                                  dtype=torch.float32, default_model="demo",
                                  models_dirs=(home / "models", PACKAGED_MODELS))
-    with live_server(create_app(settings, home / "server")) as port:
+    with live_server(create_app(settings, home / "server", cluster=cluster)) as port:
         yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,22 @@ def test_the_sqlite_store_is_the_job_queue_the_server_needs():
     assert len(methods) >= 10
     for name in methods:
         assert inspect.signature(getattr(JobStore, name)) == inspect.signature(getattr(JobQueue, name)), name
+
+
+def test_only_the_cluster_package_imports_ray():
+    found = modules()
+    users = {name for name, path in found.items() if any(m.split(".")[0] == "ray" for m in imports(path, set(found)))}
+    assert users and all(name.startswith("sdstudio.server.cluster.") for name in users), users
+    assert "sdstudio.server.cluster.options" not in users  # the CLI reads the options without Ray
+
+
+def test_the_default_server_runs_jobs_without_importing_ray(tmp_path):
+    """Without --workers ray nothing imports Ray (checked in a fresh interpreter: this one may have)."""
+    script = ("import sys, torch; from fastapi.testclient import TestClient; from sdstudio import Settings; "
+              "from sdstudio.server.app import create_app; from sdstudio.settings import PACKAGED_MODELS; "
+              "from sdstudio.testing.live import wait_for_job; from pathlib import Path; home = Path(sys.argv[1]); "
+              "s = Settings(home=home, outputs_dir=home / 'out', models_dirs=(PACKAGED_MODELS,), default_model='demo'); "
+              "c = TestClient(create_app(s, home / 'data')).__enter__(); "
+              "job = c.post('/api/v1/jobs', json={'request': {'prompt': 'a red circle', 'steps': 2}}).json(); "
+              "assert wait_for_job(c, job['id'])['status'] == 'done'; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)

@@ -158,3 +158,24 @@ def test_a_worker_host_with_another_file_under_the_name_refuses_the_job(client, 
     failed = wait_for_job(client, submit(client, steps=2))
     assert failed["status"] == "failed" and "is not the server's file" in failed["error"]
     assert "same models folder" in failed["error"]
+
+
+def test_autoscale_asks_ray_for_a_worker_per_job_waiting(client, monkeypatch):
+    import dataclasses
+
+    from ray.autoscaler import sdk
+
+    asked: list[list[dict]] = []
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles: asked.append(bundles))
+    worker = client.app.state.sdstudio.worker
+    actors_ready(client)
+    monkeypatch.setattr(worker, "options", dataclasses.replace(worker.options, autoscale=True, max_workers=3,
+                                                                 gpus_per_worker=0.0))
+    ids = [submit(client, steps=20, seed=s) for s in range(4)]
+    assert all(wait_for_job(client, i)["status"] == "done" for i in ids)
+    deadline = time.monotonic() + 10
+    while not asked or asked[-1]:
+        assert time.monotonic() < deadline, asked
+        time.sleep(0.05)
+    assert [{"CPU": 1.0}] * 3 in asked  # four waiting, capped at max_workers
+    assert len(worker.slots) == 2  # the cluster had no room for a third actor: none was started

@@ -148,3 +148,16 @@ def test_interrupt_keeps_the_finished_images(client):
     assert client.get(done["result"]["images"][0]).status_code == 200
     again = client.post(f"/api/v1/jobs/{job['id']}/interrupt")
     assert again.status_code == 422 and "not running" in again.json()["detail"]
+
+
+def test_serve_says_how_to_get_ray_and_what_workers_it_takes(monkeypatch):
+    import importlib.util
+
+    from sdstudio.cli.serve import cluster_options
+
+    with pytest.raises(ValueError, match="--workers takes thread or ray"):
+        cluster_options("gpu", None, 1.0, 1, False)
+    assert cluster_options("thread", None, 1.0, 1, False) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match=r"pip install 'sdstudio\[ray\]'"):
+        cluster_options("ray", None, 1.0, 1, False)

@@ -88,7 +88,7 @@ def serve(ctx: typer.Context,
         err.print("[yellow]warning:[/yellow] listening beyond this machine without --api-auth")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     if not quiet:
-        typer.echo(start_summary(url, host, data_dir or settings.home / "server", settings, bool(api_auth)))
+        typer.echo(start_summary(url, host, data_dir or settings.home / "server", settings, bool(api_auth), cluster))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info"))
     if open_browser:
         threading.Thread(target=open_when_up, args=(server, url), daemon=True).start()
@@ -107,7 +107,8 @@ def cluster_options(workers: str, address: str | None, gpus_per_worker: float, w
     return ClusterOptions(address, gpus_per_worker, workers_per_node=workers_per_node, autoscale=autoscale)
 
 
-def start_summary(url: str, host: str, data_dir: Path, settings: Settings, auth: bool) -> str:
+def start_summary(url: str, host: str, data_dir: Path, settings: Settings, auth: bool,
+                  cluster: ClusterOptions | None = None) -> str:
     """What a user needs to know before the first request: where to go, where things are kept."""
     lines = [f"sdstudio {__version__}: web UI {url}  (A1111 API {url}sdapi/v1, native {url}api/v1, docs {url}docs)"]
     if host in ("0.0.0.0", "::"):
@@ -115,6 +116,9 @@ def start_summary(url: str, host: str, data_dir: Path, settings: Settings, auth:
     lines += [f"  images: {settings.outputs_dir.resolve()}   queue and history: {data_dir}",
               f"  models: {', '.join(str(p) for p in settings.models_dirs)}",
               f"  auth: {'on (--api-auth)' if auth else 'off'}; device {settings.device}; Ctrl+C stops"]
+    if cluster is not None:
+        lines.append(f"  jobs run on Ray ({cluster.address or 'a local instance'}); queue: {url}api/v1/queue, "
+                     f"{url}metrics")
     return "\n".join(lines)
 
 

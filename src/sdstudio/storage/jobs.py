@@ -309,10 +309,7 @@ class JobStore:
             tx.run("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", _dumps(progress), job_id)
 
     def recover(self, max_attempts: int = 2) -> list[str]:
-        """At startup: re-queue jobs a crash left running, or fail them once they used `max_attempts`.
-
-        Call it before the worker starts. A job whose cancel was requested is marked cancelled instead.
-        """
+        """At startup, before the worker starts: `requeue` every job a crash left running."""
         with self._read() as tx:
             ids = [row[0] for row in tx.all("SELECT id FROM jobs WHERE status = 'running' ORDER BY seq")]
         for job_id in ids:

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from sdstudio.errors import Cancelled, ModelError
 from sdstudio.server.payload import decode_request
 from sdstudio.server.worker import JobProgress, failure_reason
 from sdstudio.server.xyz_job import XYZ_KIND, make_xyz
-from sdstudio.settings import Settings
+from sdstudio.settings import Settings, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class EngineActor:
     def __init__(self, settings: Settings, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
+        if settings.device.type == "cpu" and torch.cuda.is_available():  # Ray gave this actor a GPU, the head has none
+            settings = replace(settings, device=torch.device("cuda"), dtype=resolve_dtype("auto", torch.device("cuda")))
         self.engine = Engine(settings)
         self.loads: list[str] = []  # names of the models loaded, in order (model affinity is measured by it)
         self._lock = threading.Lock()
@@ -73,6 +75,12 @@ class EngineActor:
 
     def loaded_models(self) -> list[str]:
         return list(self.loads)
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, job: ActorJob) -> Outcome:
         token, started, before = CancelToken(), time.monotonic(), {id(m) for m in self.engine.models.loaded}

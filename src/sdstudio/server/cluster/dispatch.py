@@ -91,16 +91,19 @@ class RayWorker(Worker):
         return super().submit(kind, payload, None, idempotency_key)
 
     def _resources(self) -> dict[str, float]:
-        gpus = self.options.gpus_per_worker if ray.cluster_resources().get("GPU", 0) else 0.0
-        return {"num_cpus": self.options.cpus_per_worker, "num_gpus": gpus}
+        """What each actor asks Ray for: GPUs when the cluster has some, or may get some (--autoscale)."""
+        gpu = self.options.gpus_per_worker and (ray.cluster_resources().get("GPU", 0) or self.options.autoscale)
+        return {"num_cpus": self.options.cpus_per_worker, "num_gpus": self.options.gpus_per_worker if gpu else 0.0}
 
     def _worker_count(self) -> int:
-        """One per `gpus_per_worker` GPUs when the cluster has GPUs, else workers_per_node on each node."""
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus and self.options.gpus_per_worker:
-            return max(1, int(gpus / self.options.gpus_per_worker))
-        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0)]
-        return max(1, self.options.workers_per_node * len(nodes))
+        """One per `gpus_per_worker` of the cluster's GPUs, else workers_per_node on each node with CPUs; with
+        --autoscale it may be none yet (more are started as nodes join)."""
+        if self._resources()["num_gpus"]:
+            count = int(ray.cluster_resources().get("GPU", 0) / self.options.gpus_per_worker)
+        else:
+            count = self.options.workers_per_node * sum(1 for n in ray.nodes()
+                                                        if n["Alive"] and n["Resources"].get("CPU", 0))
+        return count if self.options.autoscale else max(1, count)
 
     def _new_slot(self, index: int) -> Slot:
         threads = max(1, int(self.options.cpus_per_worker))
@@ -230,7 +233,8 @@ class RayWorker(Worker):
 
         counts = self.store.counts()
         wanted = min(self.options.max_workers, counts["queued"] + counts["running"])
-        bundle = {"CPU": self.options.cpus_per_worker, **({"GPU": g} if (g := self._resources()["num_gpus"]) else {})}
+        resources = self._resources()
+        bundle = {"CPU": resources["num_cpus"], **({"GPU": resources["num_gpus"]} if resources["num_gpus"] else {})}
         if wanted != self._asked:
             request_resources(bundles=[bundle] * wanted)
             self._asked = wanted
