@@ -10,6 +10,7 @@ import ast
 import inspect
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -133,11 +134,19 @@ def test_only_the_cluster_package_imports_ray():
 
 def test_the_default_server_runs_jobs_without_importing_ray(tmp_path):
     """Without --workers ray nothing imports Ray (checked in a fresh interpreter: this one may have)."""
-    script = ("import sys, torch; from fastapi.testclient import TestClient; from sdstudio import Settings; "
-              "from sdstudio.server.app import create_app; from sdstudio.settings import PACKAGED_MODELS; "
-              "from sdstudio.testing.live import wait_for_job; from pathlib import Path; home = Path(sys.argv[1]); "
-              "s = Settings(home=home, outputs_dir=home / 'out', models_dirs=(PACKAGED_MODELS,), default_model='demo'); "
-              "c = TestClient(create_app(s, home / 'data')).__enter__(); "
-              "job = c.post('/api/v1/jobs', json={'request': {'prompt': 'a red circle', 'steps': 2}}).json(); "
-              "assert wait_for_job(c, job['id'])['status'] == 'done'; assert 'ray' not in sys.modules")
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from fastapi.testclient import TestClient
+        from sdstudio import Settings
+        from sdstudio.server.app import create_app
+        from sdstudio.settings import PACKAGED_MODELS
+        from sdstudio.testing.live import wait_for_job
+        home = Path(sys.argv[1])
+        settings = Settings(home=home, outputs_dir=home / "out", models_dirs=(PACKAGED_MODELS,), default_model="demo")
+        with TestClient(create_app(settings, home / "data")) as client:
+            job = client.post("/api/v1/jobs", json={"request": {"prompt": "a red circle", "steps": 2}}).json()
+            assert wait_for_job(client, job["id"])["status"] == "done"
+        assert "ray" not in sys.modules
+    """)
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
