@@ -49,7 +49,7 @@ def client(ray_cluster, tmp_path_factory):
 def actors_ready(client) -> list:
     """The actors, once each has (re)built its Engine."""
     worker, deadline = client.app.state.sdstudio.worker, time.monotonic() + 120
-    while any(slot.starting is not None for slot in worker.slots):
+    while any(slot.starting is not None or slot.recheck is not None for slot in worker.slots):
         assert time.monotonic() < deadline, "the engine actors did not start"
         time.sleep(0.1)
     return worker.slots
@@ -123,7 +123,7 @@ def kill_its_actor(client, job_id: str, attempt: int) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     wait_running(client, job_id)
-    ray.kill(worker._slot_running(job_id).handle, no_restart=False)
+    ray.kill(worker._running(job_id)[0], no_restart=False)
 
 
 def test_a_dead_actors_job_runs_again_and_a_job_that_kills_two_fails(client):

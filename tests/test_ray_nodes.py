@@ -36,8 +36,8 @@ def test_a_node_removed_mid_job_loses_nothing(cluster, tmp_path):
         ids = [client.post("/api/v1/jobs", json={"request": {"prompt": PROMPT, "steps": 30, "seed": s}}).json()["id"]
                for s in (1, 2, 3)]
         wait_running(client, ids[0], step=2)
-        slot = client.app.state.sdstudio.worker._slot_running(ids[0])
-        node_id = ray.get(slot.handle.node_id.remote())
+        handle = client.app.state.sdstudio.worker._running(ids[0])[0]
+        node_id = ray.get(handle.node_id.remote())
         made.remove_node(next(n for n in nodes if n.node_id == node_id))
         jobs = [wait_for_job(client, i, timeout=300) for i in ids]
         assert [j["status"] for j in jobs] == ["done"] * 3, jobs

@@ -172,7 +172,7 @@ async def _events(state: ServerState, job_id: str) -> AsyncIterator[str]:
             yield f"event: done\ndata: {json.dumps(job_view(job, state) if job else {})}\n\n"
             return
         view = job_view(job, state)
-        preview = state.worker.preview_png(job_id)
+        preview = await asyncio.to_thread(state.worker.preview_png, job_id)  # a cluster worker's is a remote call
         if preview:
             view["preview"] = preview
         yield f"event: progress\ndata: {json.dumps(view)}\n\n"

@@ -179,11 +179,7 @@ class Worker:
 
     def run_job(self, job: JobRecord) -> None:
         with self.device_lock:
-            started = time.monotonic()
-            try:
-                self._run_job(job)
-            finally:
-                self._busy += time.monotonic() - started
+            self._run_job(job)
 
     def busy_seconds(self) -> dict[str, float]:
         """Seconds each engine worker spent on jobs (here the one thread), the running job's so far included."""
@@ -212,7 +208,8 @@ class Worker:
                 log.exception("job %s failed", job.id)
             self.store.fail(job.id, failure_reason(e))
         finally:
-            with self.progress.lock:
+            with self.progress.lock:  # busy time grows as the job's share of it leaves: /metrics never dips
+                self._busy += time.monotonic() - self.progress.started
                 self.progress.job_id, self.progress.preview = None, None
             self.cancel_token = None
             self.ended()

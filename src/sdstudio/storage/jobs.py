@@ -310,6 +310,8 @@ class JobStore:
 
     def recover(self, max_attempts: int = 2) -> list[str]:
         """At startup, before the worker starts: `requeue` every job a crash left running."""
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         with self._read() as tx:
             ids = [row[0] for row in tx.all("SELECT id FROM jobs WHERE status = 'running' ORDER BY seq")]
         for job_id in ids:

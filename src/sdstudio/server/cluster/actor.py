@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
 import torch
 
 from sdstudio.engine.engine import Engine
@@ -58,9 +59,11 @@ class EngineActor:
     def __init__(self, settings: Settings, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        if settings.device.type == "cpu" and torch.cuda.is_available():  # Ray gave this actor a GPU, the head has none
-            settings = replace(settings, device=torch.device("cuda"), dtype=resolve_dtype("auto", torch.device("cuda")))
+        device = torch.device("cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu")
+        if device.type != settings.device.type:  # the GPU Ray gave this actor, or none (whatever the head has)
+            settings = replace(settings, device=device, dtype=resolve_dtype("auto", device))
         self.engine = Engine(settings)
+        self._one_run = threading.Lock()  # one job at a time, even if the head sends a second one
         self.loads: list[str] = []  # names of the models loaded, in order (model affinity is measured by it)
         self._lock = threading.Lock()
         self._job_id: str | None = None
@@ -78,11 +81,13 @@ class EngineActor:
 
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
     def run(self, job: ActorJob) -> Outcome:
+        with self._one_run:
+            return self._run(job)
+
+    def _run(self, job: ActorJob) -> Outcome:
         token, started, before = CancelToken(), time.monotonic(), {id(m) for m in self.engine.models.loaded}
         with self._lock:
             self._job_id, self._token, self._preview = job.job_id, token, None
@@ -116,7 +121,8 @@ class EngineActor:
         with self._lock:
             token = self._token if self._job_id == job_id else None
             if token is None:
-                self._early = (job_id, how)
+                if self._early is None or self._early[0] != job_id or self._early[1] != "cancel":  # cancel wins
+                    self._early = (job_id, how)
                 return True
         {"cancel": token.cancel, "interrupt": token.interrupt, "skip": token.skip}[how]()
         return True
