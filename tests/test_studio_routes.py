@@ -68,7 +68,7 @@ def test_catalog_lists_what_requests_accept(client, tiny_model):
     assert "demo-canny" in cat["controlnets"] and {"canny", "openpose", "inpaint"} <= set(cat["preprocessors"])
     assert "Lanczos" in cat["upscalers"] and "Latent" in cat["latent_upscale_modes"]
     assert cat["masked_content"] == ["fill", "original", "latent noise", "latent nothing"]
-    assert cat["inpaint_methods"] == ["auto", "condition", "blend"] and cat["vaes"] == []
+    assert cat["inpaint_methods"] == ["auto", "condition", "blend"] and cat["vaes"] == ["taesd"]  # the demo's own
     assert cat["loras"] == ["lcm-lora-demo"]  # the demo's LCM-LoRA ships with the package
     assert cat["limits"]["max_steps"] == 150 and cat["limits"]["max_pixels"] == 2048 * 2048
     defaults = cat["defaults"]
