@@ -108,3 +108,30 @@ def test_cli_models_list_convert_and_merge(installs, tmp_path):
     assert listed["juggernaut"]["family"] == "sdxl" and len(listed["juggernaut"]["hash"]) == 10
     assert listed["sd21"]["source"] == "comfyui" and listed["blend"]["family"] == "merge recipe"
     assert "demo" in listed
+
+
+def test_the_hash_cache_takes_threads_at_once(tmp_path):
+    """The server hashes from request threads and its worker together (a Ray server: on every submit)."""
+    import threading
+
+    files = []
+    for i in range(24):
+        files.append(tmp_path / f"w{i}.safetensors")
+        files[-1].write_bytes(bytes([i]) * 100_000)
+    cache, errors = HashCache(tmp_path / "hashes.json"), []
+
+    def hash_all(part):
+        try:
+            for path in part:
+                cache.file_sha256(path)
+                cache.known()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=hash_all, args=(files[i::3],)) for i in range(3)]
+    threads.append(threading.Thread(target=hash_all, args=(files,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(HashCache(tmp_path / "hashes.json").known()) == len(files)

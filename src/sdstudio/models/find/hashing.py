@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,13 @@ class HashCache:
     def __init__(self, path: Path | None):
         self.path = path
         self._entries: dict[str, dict] | None = None
+        self._lock = threading.RLock()  # the server hashes from request threads and its worker at once
 
     def file_sha256(self, path: Path) -> str:
+        with self._lock:  # one hashing at a time: a file two threads ask for is read once
+            return self._file_sha256(path)
+
+    def _file_sha256(self, path: Path) -> str:
         st = path.stat()
         key = str(path.resolve())
         entry = self._load().get(key)
@@ -60,7 +66,8 @@ class HashCache:
 
     def known(self) -> dict[str, str]:
         """Resolved file path -> full sha256, for everything hashed so far."""
-        return {path: entry["sha256"] for path, entry in self._load().items()}
+        with self._lock:
+            return {path: entry["sha256"] for path, entry in self._load().items()}
 
     def model_sha256(self, path: Path) -> str:
         if path.is_file():
@@ -79,6 +86,10 @@ class HashCache:
         return self.model_sha256(path) if files and unread <= max_bytes else None
 
     def _load(self) -> dict[str, dict]:
+        with self._lock:
+            return self._loaded()
+
+    def _loaded(self) -> dict[str, dict]:
         if self._entries is None:
             self._entries = {}
             if self.path and self.path.is_file():
