@@ -135,3 +135,15 @@ def test_the_hash_cache_takes_threads_at_once(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and len(HashCache(tmp_path / "hashes.json").known()) == len(files)
+
+
+def test_a_models_own_tiny_vae_leaves_its_hash_as_it_was(tmp_path):
+    """The hash in an image's infotext names what made the image; a preview decoder added later does not."""
+    from sdstudio.settings import PACKAGED_MODELS
+
+    demo = tmp_path / "demo"
+    shutil.copytree(PACKAGED_MODELS / "demo", demo, ignore=shutil.ignore_patterns("taesd"))
+    before = HashCache(None).model_sha256(demo)
+    shutil.copytree(PACKAGED_MODELS / "demo" / "taesd", demo / "taesd")
+    assert HashCache(None).model_sha256(demo) == before
+    assert before.startswith("680d0f8ba4")  # the demo's hash in every image made before it had a taesd/

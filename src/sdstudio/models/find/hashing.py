@@ -36,8 +36,14 @@ def legacy_hash(path: Path) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+TINY_VAE_FOLDERS = ("taesd", "taesdxl")  # a model's own tiny VAE: previews and an opt-in decoder, not its output
+
+
 def weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    """The weights a folder model's hash covers: every weight file but its tiny VAE's, so adding one (as the demo
+    did) keeps the hash its images carry."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                  and p.relative_to(folder).parts[0] not in TINY_VAE_FOLDERS)
 
 
 class HashCache:

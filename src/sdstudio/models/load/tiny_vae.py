@@ -23,12 +23,13 @@ import torch
 from diffusers import AutoencoderTiny
 
 from sdstudio.errors import ModelError
+from sdstudio.models.find.hashing import TINY_VAE_FOLDERS
 from sdstudio.models.load.checkpoint_io import read_state_dict
 from sdstudio.models.load.memory import realign
 
 log = logging.getLogger(__name__)
 
-TINY_NAMES = ("taesd", "taesdxl")
+TINY_NAMES = TINY_VAE_FOLDERS
 TINY_WEIGHTS = "diffusion_pytorch_model.safetensors"
 ORIGINAL_SUFFIXES = (".pth", ".safetensors")
 
