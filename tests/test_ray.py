@@ -179,3 +179,17 @@ def test_autoscale_asks_ray_for_a_worker_per_job_waiting(client, monkeypatch):
         time.sleep(0.05)
     assert [{"CPU": 1.0}] * 3 in asked  # four waiting, capped at max_workers
     assert len(worker.slots) == 2  # the cluster had no room for a third actor: none was started
+
+
+def test_a_cluster_that_cannot_be_joined_is_a_plain_error(tmp_path, monkeypatch):
+    """Joined when the app is made, before the server starts: `serve` prints this line and exits."""
+    from sdstudio.errors import SdStudioError
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(SdStudioError, match=r"could not start or join the Ray cluster \(auto\): Could not find any "
+                                            r"running Ray instance; check --address"):
+        create_app(demo_settings(tmp_path), tmp_path / "data", cluster=ClusterOptions(address="auto"))

@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError, RayTaskError
 
 from sdstudio.engine.engine import Engine
+from sdstudio.errors import SdStudioError
 from sdstudio.server.cluster.actor import ActorJob, Outcome
 from sdstudio.server.cluster.options import ClusterOptions
 from sdstudio.server.cluster.slots import START_TRIES, Slot, actor_resources, start_actor, worker_count
@@ -44,16 +45,20 @@ class RayWorker(Worker):
         self.options = options
         self.slots: list[Slot] = []
         self._lock = threading.Lock()  # the dispatcher changes slots; routes take snapshots
-        self._owns_ray = False
+        self._owns_ray = not ray.is_initialized()
         self._watched = 0.0
         self._asked = -1
+        if self._owns_ray:  # joined here, before the server starts, so a wrong address is a plain error
+            try:
+                ray.init(address=self.options.address, include_dashboard=False, log_to_driver=False)
+            except Exception as e:
+                where, why = self.options.address or "local", str(e).rstrip(".")
+                raise SdStudioError(f"could not start or join the Ray cluster ({where}): {why}; check --address "
+                                    "(auto needs `ray start` on this machine)") from e
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not ray.is_initialized():
-            ray.init(address=self.options.address, include_dashboard=False, log_to_driver=False)
-            self._owns_ray = True
         for _ in range(worker_count(self.options)):
             self.slots.append(self._start_actor())
         log.info("ray: %d engine worker(s), %s each", len(self.slots), actor_resources(self.options))
