@@ -1,43 +1,12 @@
 // ControlNet units: model, preprocessor, weight, start/end, mode; a control image uploaded or drawn,
 // and the preprocessor's output shown before generating (POST /api/v1/preprocess).
 import * as api from "./api.js";
-import { el, fillSelect } from "./dom.js";
+import { el, fillSelect, UnitList } from "./dom.js";
 
 const RESIZE_MODES = ["just resize", "crop", "fill"];
 
-export class ControlUnits {
-  constructor(container, countBadge, catalog) {
-    this.container = container;
-    this.badge = countBadge;
-    this.catalog = catalog;
-    this.units = [];
-  }
-
-  add(values = {}) {
-    const unit = new Unit(this.catalog, values, () => this.remove(unit));
-    this.units.push(unit);
-    this.container.append(unit.node);
-    this.update();
-    return unit;
-  }
-
-  remove(unit) {
-    this.units = this.units.filter((u) => u !== unit);
-    unit.node.remove();
-    this.update();
-  }
-
-  clear() {
-    for (const unit of [...this.units]) this.remove(unit);
-  }
-
-  update() {
-    this.badge.textContent = this.units.length ? String(this.units.length) : "";
-  }
-
-  toRequest() {
-    return this.units.map((u) => u.toRequest());
-  }
+export function controlUnits(container, countBadge, catalog) {
+  return new UnitList(container, countBadge, (values, onRemove) => new Unit(catalog, values, onRemove));
 }
 
 class Unit {

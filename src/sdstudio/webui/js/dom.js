@@ -54,3 +54,37 @@ export function formatSeconds(s) {
   if (!Number.isFinite(s) || s < 0) return "";
   return s < 60 ? `${s.toFixed(1)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
 }
+
+// A list of unit editors (ControlNet units, image prompts) with a count badge. `make(values, onRemove)` builds
+// one editor: an object with `.node` and `.toRequest()`.
+export class UnitList {
+  constructor(container, countBadge, make) {
+    Object.assign(this, { container, badge: countBadge, make, units: [] });
+  }
+
+  add(values = {}) {
+    const unit = this.make(values, () => this.remove(unit));
+    this.units.push(unit);
+    this.container.append(unit.node);
+    this.update();
+    return unit;
+  }
+
+  remove(unit) {
+    this.units = this.units.filter((u) => u !== unit);
+    unit.node.remove();
+    this.update();
+  }
+
+  clear() {
+    for (const unit of [...this.units]) this.remove(unit);
+  }
+
+  update() {
+    this.badge.textContent = this.units.length ? String(this.units.length) : "";
+  }
+
+  toRequest() {
+    return this.units.map((u) => u.toRequest());
+  }
+}

@@ -1,7 +1,7 @@
 // The Generate view: build the request from the form, submit it, follow its progress, show the results.
 import * as api from "./api.js";
-import { ControlUnits } from "./control.js";
-import { ImagePrompts } from "./image_prompts.js";
+import { controlUnits } from "./control.js";
+import { imagePrompts } from "./image_prompts.js";
 import { $, clearErrors, el, formatSeconds, showError } from "./dom.js";
 import { MODES, applyAspect, readFields, setMode, writeFields } from "./form.js";
 import { MaskEditor } from "./mask.js";
@@ -40,8 +40,8 @@ export class Studio {
     this.selected = 0;
     this.form = $("#gen-form");
     this.mask = new MaskEditor($("#mask-canvas"));
-    this.controls = new ControlUnits($("#control-units"), $("#control-count"), catalog);
-    this.imagePrompts = new ImagePrompts($("#ip-units"), $("#ip-count"), catalog);
+    this.controls = controlUnits($("#control-units"), $("#control-count"), catalog);
+    this.imagePrompts = imagePrompts($("#ip-units"), $("#ip-count"), catalog);
     this.bind();
     setMode(this.mode);
   }

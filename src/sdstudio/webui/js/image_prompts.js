@@ -1,37 +1,9 @@
 // IP-Adapter units (image prompts): an adapter, 1-4 pictures, weight and start/end, optionally the image encoder.
 import * as api from "./api.js";
-import { el, fillSelect } from "./dom.js";
+import { el, fillSelect, UnitList } from "./dom.js";
 
-export class ImagePrompts {
-  constructor(container, countBadge, catalog) {
-    Object.assign(this, { container, badge: countBadge, catalog, units: [] });
-  }
-
-  add(values = {}) {
-    const unit = new ImagePrompt(this.catalog, values, () => this.remove(unit));
-    this.units.push(unit);
-    this.container.append(unit.node);
-    this.update();
-    return unit;
-  }
-
-  remove(unit) {
-    this.units = this.units.filter((u) => u !== unit);
-    unit.node.remove();
-    this.update();
-  }
-
-  clear() {
-    for (const unit of [...this.units]) this.remove(unit);
-  }
-
-  update() {
-    this.badge.textContent = this.units.length ? String(this.units.length) : "";
-  }
-
-  toRequest() {
-    return this.units.map((u) => u.toRequest());
-  }
+export function imagePrompts(container, countBadge, catalog) {
+  return new UnitList(container, countBadge, (values, onRemove) => new ImagePrompt(catalog, values, onRemove));
 }
 
 class ImagePrompt {
