@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from sdstudio.engine.families import Families
+from sdstudio.engine.flow.runner import FlowRunner
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.pipelines.kandinsky import KandinskyRunner
 from sdstudio.engine.pipelines.upscale import UpscaleRequest, UpscaleResult
@@ -52,6 +53,7 @@ class Engine:
         self.upscalers = Upscalers(settings, self.folders, self.models.hashes)
         self.families = Families([  # asked in order; Stable Diffusion owns what the others do not
             KandinskyRunner(settings, self.models.hashes),  # Kandinsky 2.2: diffusers pipelines
+            FlowRunner(settings, self.models.hashes),  # SD3 and Flux: the flow-matching loop
             SdRunner(settings, self.folders, self.models, self.addons, self.model_ref),
         ])
 

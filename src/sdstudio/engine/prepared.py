@@ -19,7 +19,7 @@ class PreparedJob:
     family: the registry key of the runner that owns the model (engine/families.py).
     prompts: the prompt and negative prompt parsed and scheduled for the request's steps; hires_prompts the same
     for the hires fix's second pass (its own prompt and steps), when there is one. plain_prompts: both as plain
-    text, for families whose encoders read a prompt whole (Kandinsky 2.2's prior).
+    text, for families whose encoders read a prompt whole (Kandinsky 2.2's prior, SD3 and Flux).
     """
 
     request: GenerationRequest
@@ -32,3 +32,4 @@ class PreparedJob:
     hires_prompts: PromptPlan | None = None
     plain_prompts: tuple[str, str] | None = None
     adapters: tuple[FoundUnit, ...] = ()  # one per IP-Adapter unit
+    notes: tuple[str, ...] = ()  # what prepare changed in the request (a sampler fallen back), for the user

@@ -178,6 +178,12 @@ class GenerationRequest:
     crop_left_top: tuple[int, int] = (0, 0)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    # Flow models (SD3, Flux; engine/flow/): Flux-dev's distilled guidance (Forge's "Distilled CFG Scale"), the
+    # sigma shift (0: the model's own; Flux-dev's depends on the resolution), and what a sampler the family
+    # cannot run does: refuse (false), or run the family's own with a warning (true: the A1111 door, as Forge)
+    distilled_cfg_scale: float = 3.5
+    shift: float = 0.0
+    sampler_fallback: bool = False
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units, applied together
     ip_adapters: tuple[IpAdapterUnit, ...] = ()  # image prompts, applied together
     hires: HiresFix | None = None  # a second, larger pass after the first (txt2img only)

@@ -38,6 +38,7 @@ class ModelGeometry:
 _NONE = type(None)
 _BREAK = re.compile(r"\bBREAK\b")
 MAX_CFG = 100.0  # classifier-free guidance scale; A1111's UI stops at 30
+MAX_SHIFT = 100.0  # a flow model's sigma shift (SD3.5: 3, Flux-schnell: 1)
 MAX_IP_IMAGES = 4  # pictures per IP-Adapter unit: each is one CLIP encoder pass, and tokens in every attention
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # declared type -> (accepted, how messages say it)
     "str": ((str,), "text"), "str | None": ((str, _NONE), "text or null"),
@@ -75,6 +76,10 @@ def check_fields(req: GenerationRequest, limits: Limits) -> SamplerChoice:
     check_int(req.capture_every, "capture_every", 0, limits.max_steps)
     if not isinstance(req.cfg_scale, int | float) or not 0 <= req.cfg_scale <= MAX_CFG:
         raise RequestError(f"cfg_scale must be a number from 0 to {MAX_CFG}, got {req.cfg_scale!r}", "cfg_scale")
+    for name, top in (("distilled_cfg_scale", MAX_CFG), ("shift", MAX_SHIFT)):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= top:
+            raise RequestError(f"{name} must be a number from 0 to {top}, got {value!r}", name)
     if not isinstance(req.strength, int | float) or not 0.0 <= req.strength <= 1.0:
         raise RequestError(f"strength must be between 0 and 1, got {req.strength!r}", "strength")
     check_int(req.seed, "seed", -1, MAX_SEED - req.total_images)

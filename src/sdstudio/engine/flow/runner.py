@@ -1,0 +1,204 @@
+"""The flow-matching families' runner (SD3/SD3.5, Flux.1): prepare without loading, then load and run (job.py).
+
+What these models cannot do is a RequestError naming the field. Samplers: the flow loop is Euler on the model's
+own shifted sigmas, so `Euler` (and the request default) run; another sampler is refused, or, when the request
+says `sampler_fallback` (the A1111 door, as Forge does), replaced by Euler with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from sdstudio.engine.flow.encode import T5_TOKENS, WeightedText, t5_token_count
+from sdstudio.engine.flow.job import FlowJob
+from sdstudio.engine.hooks import CancelToken, ProgressCallback
+from sdstudio.engine.prepared import PreparedJob
+from sdstudio.engine.requests import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, GenerationRequest, GenerationResult
+from sdstudio.engine.sd import canvas
+from sdstudio.engine.validate import check_fields
+from sdstudio.errors import RequestError
+from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel, FlowModels, flow_family
+from sdstudio.prompts.grammar import parse
+from sdstudio.prompts.grammar_attention import attention
+from sdstudio.settings import Limits, Settings
+
+log = logging.getLogger(__name__)
+
+FLOW_SAMPLER = "Euler"
+FLOW_SCHEDULES = (DEFAULT_SCHEDULE, "Simple")  # Forge's "Simple" on a flow model is its own shifted schedule
+
+
+class FlowRunner:
+    """Runs requests on SD3 and Flux models (one LRU of them, beside the engine's SD models)."""
+
+    name = "flow"
+
+    def __init__(self, settings: Settings, hashes: HashCache):
+        self.settings = settings
+        self.models = FlowModels(settings.device, settings.dtype, settings.offload, hashes, settings.models_in_memory)
+
+    def owns(self, ref: ModelRef | None) -> bool:
+        return ref is not None and flow_family(ref.path) is not None
+
+    def prepare(self, request: GenerationRequest, ref: ModelRef | None) -> PreparedJob:
+        assert ref is not None  # owns() said so
+        family = flow_family(ref.path)
+        request, notes = sampler_for(request, FAMILY_NAMES[family])
+        prompts = check_supported(request, FAMILY_NAMES[family], self.settings.limits)
+        return PreparedJob(request, self.name, ref, plain_prompts=prompts, notes=tuple(notes))
+
+    def generate(self, job: PreparedJob, progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None) -> GenerationResult:
+        start = time.perf_counter()
+        model = self.models.get(job.model)
+        req, warnings = resolve_request(job.request, model, self.settings.limits)
+        positive, negative = (weighted(text, req.prompt_syntax) for text in job.plain_prompts)
+        warnings = [*job.notes, *warnings, *prompt_warnings(model, (positive, negative))]
+        log.info("%s %s: %d image(s), %d steps, seed %d", FAMILY_NAMES[model.family], req.mode, req.total_images,
+                 req.steps, req.seed)
+        images, latents = FlowJob(model, req, (positive, negative), progress, cancel).run()
+        for warning in warnings:
+            log.info("warning for the user: %s", warning)
+        return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
+
+
+def sampler_for(req: GenerationRequest, family: str) -> tuple[GenerationRequest, list[str]]:
+    """The request with the flow sampler and schedule; a sampler or schedule the loop cannot run is refused, or
+    replaced with a note when the request allows the fallback."""
+    notes: list[str] = []
+    if req.sampler not in (DEFAULT_SAMPLER, FLOW_SAMPLER):
+        if not req.sampler_fallback:
+            raise RequestError(f"sampler: {family} models sample with the flow-matching Euler sampler; use "
+                               f"{FLOW_SAMPLER!r}, got {req.sampler!r}", "sampler")
+        notes.append(f"{family} models sample with Euler: sampler {req.sampler!r} was replaced by Euler")
+    if req.schedule not in FLOW_SCHEDULES:
+        if not req.sampler_fallback:
+            raise RequestError(f"schedule: {family} models step through their own shifted sigmas; use "
+                               f"{' or '.join(map(repr, FLOW_SCHEDULES))} (set `shift` to change them), got "
+                               f"{req.schedule!r}", "schedule")
+        notes.append(f"{family} models step through their own shifted sigmas: schedule {req.schedule!r} was "
+                     f"replaced by {DEFAULT_SCHEDULE}")
+        req = req.replace(schedule=DEFAULT_SCHEDULE)
+    return req.replace(sampler=FLOW_SAMPLER), notes
+
+
+def check_supported(req: GenerationRequest, family: str, limits: Limits) -> tuple[str, str]:
+    """RequestError for every field the flow loop cannot honour; then the usual range checks. Returns the
+    prompt and negative prompt (A1111 syntax kept: weights are read when encoding)."""
+    not_here = f"is not available for {family} models"
+    unsupported = [
+        ("controlnets", bool(req.controlnets), f"ControlNet {not_here} yet: remove the units"),
+        ("ip_adapters", bool(req.ip_adapters), f"IP-Adapter {not_here}: remove the units"),
+        ("guidance", req.guidance != "cfg", f"guidance rules other than cfg are for Stable Diffusion UNets; {family} "
+                                            "models take 'cfg'"),
+        ("pag_scale", req.pag_scale != 0, f"perturbed-attention guidance {not_here}; set pag_scale to 0"),
+        ("freeu", req.freeu is not False, f"FreeU is for UNets; {family} models are transformers: set freeu to "
+                                          "false"),
+        ("eta", req.eta is not None, "the flow Euler sampler takes no eta; leave eta unset"),
+        ("guidance_rescale", req.guidance_rescale != 0, f"rescale-CFG {not_here}; set guidance_rescale to 0"),
+        ("zero_terminal_snr", req.zero_terminal_snr is not False, "flow models end at sigma 0 already; set "
+                                                                  "zero_terminal_snr to false"),
+        ("subseed_strength", req.variation.strength != 0, f"variation seeds {not_here} yet; set subseed_strength "
+                                                          "to 0"),
+        ("seed_resize_from_w", (req.variation.resize_from_w, req.variation.resize_from_h) != (0, 0),
+         f"seed resize {not_here}; set seed_resize_from_w and _h to 0"),
+        ("capture_every", req.capture_every != 0, f"frame capture {not_here} yet; set capture_every to 0"),
+        ("enable_hr", req.enable_hr is not False, f"hires fix {not_here} yet: generate, then img2img the "
+                                                  "upscaled picture"),
+        ("denoising_end", req.denoising_end is not None, f"the latent handoff {not_here}"),
+        ("denoising_start", req.denoising_start is not None, f"the latent handoff {not_here}"),
+        ("vae", req.vae not in (None, "auto", "none"), f"{family} models decode with their own 16-channel VAE; "
+                                                       "leave vae unset"),
+        ("init_latents", req.init_latents is not None, f"{family} img2img takes an init image, not latents"),
+        ("clip_skip", family == "Flux" and req.clip_skip != 1, "Flux reads CLIP-L's pooled output only; "
+                                                               "clip_skip must be 1"),
+    ]
+    if req.mask is not None:
+        unsupported += [
+            ("masked_content", req.masked_content != "original", f"{family} inpainting starts the masked area from "
+                                                                 "the image ('original')"),
+            ("soft_inpainting", req.soft_inpainting is not False, f"soft inpainting {not_here}"),
+            ("inpaint_method", req.inpaint_method == "condition", f"{family} models inpaint by blending; use "
+                                                                  "'auto' or 'blend'"),
+        ]
+    for name, bad, message in unsupported:
+        if bad:
+            value = req.flat_fields().get(name, getattr(req, name, None))
+            raise RequestError(f"{name}: {message}, got {value!r}" if name != "init_latents" else
+                               f"{name}: {message}", name)
+    texts = (_checked(req.prompt, "prompt", req.prompt_syntax, family, False),
+             _checked(req.negative_prompt, "negative_prompt", req.prompt_syntax, family, True))
+    check_fields(req.replace(sampler=DEFAULT_SAMPLER, schedule=DEFAULT_SCHEDULE, prompt_syntax="plain"), limits)
+    return texts
+
+
+def _checked(text: str, name: str, syntax: str, family: str, negative: bool) -> str:
+    """The text, when the flow encoders can read it: plain, or A1111's syntax with weights only."""
+    if not isinstance(text, str):
+        raise RequestError("prompt and negative_prompt must be text", "prompt")
+    if syntax == "plain":
+        return text
+    if syntax != "a1111":
+        raise RequestError(f"prompt_syntax: {family} models read 'a1111' (weights) or 'plain' prompts, got "
+                           f"{syntax!r}", "prompt_syntax")
+    parsed = parse(text, negative=negative)  # PromptSyntaxError (a RequestError) for broken syntax
+    if parsed.extra_networks:
+        raise RequestError(f"{name}: <{parsed.extra_networks[0].kind}:...> tags are not available for {family} "
+                           "models yet: remove them", name)
+    if len(parsed.subprompts) > 1 or parsed.is_scheduled:
+        raise RequestError(f"{name}: AND and prompt editing [a:b:0.5] / alternation [a|b] are not available for "
+                           f"{family} models (T5 reads the prompt whole); weights (word:1.2) are", name)
+    return text
+
+
+def weighted(text: str, syntax: str) -> WeightedText:
+    """The text T5 reads (weight syntax removed) and the chunks CLIP weights (docs/flow.md)."""
+    if syntax == "plain":
+        return WeightedText(text)
+    # BREAK (weight -1) has no meaning without CLIP's 75-token chunks: it reads as a space
+    chunks = tuple((" ", 1.0) if weight == -1 else (chunk, weight)
+                   for chunk, weight in attention(parse(text).subprompts[0].text))
+    return WeightedText("".join(chunk for chunk, _ in chunks), chunks)
+
+
+def resolve_request(req: GenerationRequest, model: FlowModel, limits: Limits) -> tuple[GenerationRequest, list[str]]:
+    """Size (multiples of the model's grid; default: its native size, or the init image's), seed, model name."""
+    grid, warnings = model.grid, []
+    width, height = req.width, req.height
+    if req.init_image is not None:
+        w, h = req.init_image.size
+        width, height = width or max(grid, w // grid * grid), height or max(grid, h // grid * grid)
+    width, height = width or model.native_size, height or model.native_size
+    for name, value in (("width", width), ("height", height)):
+        if value % grid:
+            raise RequestError(f"{name} must be a multiple of {grid} for {FAMILY_NAMES[model.family]} models (8 "
+                               f"pixels per latent cell, 2x2 cells per token), got {value} (nearest: "
+                               f"{max(grid, round(value / grid) * grid)})", name)
+    if req.mode == "inpaint" and canvas.is_empty(req.mask, req.invert_mask):
+        warnings.append("the mask is empty (nothing is white): nothing was repainted")
+    if req.mode != "txt2img" and min(req.steps * req.strength, req.steps) < 1:
+        warnings.append(f"strength {req.strength} over {req.steps} steps denoises nothing: the init image comes "
+                        "back")
+    if model.guidance_embeds and req.cfg_scale > 1:
+        warnings.append(f"CFG scale {req.cfg_scale} > 1 runs true CFG on a guidance-distilled Flux model: twice the "
+                        "time per step; its guidance is distilled_cfg_scale (Forge's Distilled CFG Scale), with CFG "
+                        "scale 1")
+    seed = req.seed if req.seed != -1 else random.randrange(2**32)
+    return req.replace(width=width, height=height, seed=seed, model=model.name), warnings
+
+
+def prompt_warnings(model: FlowModel, texts: tuple[WeightedText, WeightedText]) -> list[str]:
+    """T5 reads T5_TOKENS[family] tokens: say when a prompt is longer (the rest is cut)."""
+    if model.t5 is None:
+        return []
+    window, out = T5_TOKENS[model.family], []
+    for name, text in zip(("prompt", "negative prompt"), texts, strict=True):
+        count = t5_token_count(model.t5, text.text)
+        if count > window:
+            out.append(f"the {name} is {count} T5 tokens; {FAMILY_NAMES[model.family]} reads {window}: the "
+                       "rest was cut")
+    return out
