@@ -34,6 +34,7 @@ class Body(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5           # Forge's: Flux-dev's distilled guidance
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None

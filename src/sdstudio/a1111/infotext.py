@@ -147,6 +147,7 @@ def request_fields(info: Infotext) -> dict[str, Any]:
                    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                    "Mask blur": ("mask_blur", int), "Masked content": ("masked_content", str), "VAE": ("vae", str),
                    "CFG Rescale phi": ("guidance_rescale", float),
+                   "Distilled CFG Scale": ("distilled_cfg_scale", float), "Shift": ("shift", float),
                    "Masked area padding": ("only_masked_padding", int),
                    "Denoising start": ("denoising_start", float), "Denoising end": ("denoising_end", float),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),

@@ -36,6 +36,7 @@ def to_native_payload(body: Body, options: A1111Options | None = None,
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt or "", width=body.width, height=body.height,
         steps=body.steps, cfg_scale=body.cfg_scale, sampler=choice.sampler.name, schedule=choice.requested_schedule,
+        distilled_cfg_scale=body.distilled_cfg_scale, sampler_fallback=True,  # flow models: Euler, as Forge
         seed=body.seed, subseed=body.subseed, subseed_strength=body.subseed_strength,
         seed_resize_from_w=max(body.seed_resize_from_w, 0), seed_resize_from_h=max(body.seed_resize_from_h, 0),
         batch_size=body.batch_size, n_iter=body.n_iter, **opts.request_fields(),

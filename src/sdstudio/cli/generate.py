@@ -29,6 +29,10 @@ Model = Annotated[str | None, typer.Option("--model", "-m", help="A model name (
                                                                 "folder or a .safetensors/.ckpt file. (default: demo)")]
 Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps (1-150). (default: 20)")]
 Cfg = Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale. (default: 7)")]
+DistilledCfg = Annotated[float | None, typer.Option("--distilled-cfg", help="Flux-dev's distilled guidance (Forge's "
+                                                                          "Distilled CFG Scale). (default: 3.5)")]
+Shift = Annotated[float | None, typer.Option("--shift", help="SD3/Flux: the sigma shift (0: the model's own). "
+                                                             "(default: 0)")]
 Sampler = Annotated[str | None, typer.Option("--sampler", help="Sampler, e.g. 'Euler a', 'DPM++ 2M' (sdstudio "
                                                                 "samplers lists them). (default: DPM++ 2M)")]
 Schedule = Annotated[str | None, typer.Option("--schedule", help="Automatic, Karras, Exponential, ... "

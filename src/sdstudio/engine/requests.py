@@ -20,6 +20,7 @@ DEFAULT_SAMPLER = "DPM++ 2M"
 IMAGES = ("init_image", "mask")  # request fields that hold pictures: recorded by size and pixel hash
 DEFAULT_SCHEDULE = "Automatic"
 TENSORS = ("init_latents",)  # request fields that hold tensors: recorded by shape only
+DOOR_FIELDS = ("sampler_fallback",)  # how a door wants the request read, not what made the picture: not recorded
 # The native JSON (and the record) keeps the hires fix flat, under the names clients send: key -> HiresFix field
 HIRES_KEYS = {"hr_scale": "scale", "hr_resize_x": "resize_x", "hr_resize_y": "resize_y", "hr_upscaler": "upscaler",
               "hr_second_pass_steps": "steps", "hr_sampler_name": "sampler", "hr_scheduler": "schedule",
@@ -234,7 +235,7 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the init image is recorded by size and pixel hash, not embedded."""
-        out = {k: v for k, v in self.flat_fields().items() if k not in IMAGES + TENSORS}
+        out = {k: v for k, v in self.flat_fields().items() if k not in IMAGES + TENSORS + DOOR_FIELDS}
         out["mode"] = self.mode
         for name in IMAGES:
             image = getattr(self, name)

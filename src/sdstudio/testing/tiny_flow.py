@@ -23,11 +23,14 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from sdstudio.models.load.configs import CONFIGS, load_tokenizer
 from sdstudio.models.load.flow import t5_tokenizer
 from sdstudio.testing.tiny import byte_level_tokenizer, tiny_clip_config
 
-CLIP_L, CLIP_G, PROJECTION = 32, 48, 32  # CLIP widths; SD3 pads CLIP-L + CLIP-G (80) with zeros to T5's width
-JOINT = 96  # T5's width (d_model): the transformers' context width, as 4096 is T5-XXL's
+# Widths keep the published head sizes (CLIP and T5: 64, SD3's MMDiT: 64, Flux: 128) and GroupNorm's 32 groups, so
+# that a single file's config can be read from its shapes as for the full-size models (models/load/flow_files.py).
+CLIP_L, CLIP_G = 64, 128  # SD3 pads CLIP-L + CLIP-G (192) with zeros to T5's width
+JOINT = 192  # T5's width (d_model): the transformers' context width, as 4096 is T5-XXL's
 
 # the published schedulers (stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev and -schnell)
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -38,33 +41,40 @@ FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynami
 
 def tiny_t5() -> T5EncoderModel:
     """T5-v1.1's architecture (gated GELU, relative position buckets) at width JOINT."""
-    return T5EncoderModel(T5Config(vocab_size=32128, d_model=JOINT, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                                   relative_attention_max_distance=32, is_encoder_decoder=False, use_cache=False))
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=JOINT, d_kv=64, d_ff=128, num_layers=2, num_heads=3,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                                   relative_attention_max_distance=128, is_encoder_decoder=False, use_cache=False))
 
 
 def tiny_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     """SD3's and Flux's VAE layout: 16 latent channels, 8 pixels per cell, no quant convs."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=scaling_factor,
         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def _clip(tmp: Path, dim: int, pad: str | None, projection: bool, act: str = "quick_gelu") -> tuple[Any, Any]:
-    tokenizer = byte_level_tokenizer(tmp / f"tok-{dim}", pad_token=pad)
-    config = tiny_clip_config(len(tokenizer), dim, hidden_act=act, projection_dim=PROJECTION)
+def _clip(tmp: Path, dim: int, pad: str | None, projection: bool, act: str = "quick_gelu",
+          full_vocab: bool = False) -> tuple[Any, Any]:
+    """A CLIP text encoder `dim` wide; full_vocab: with the shipped CLIP BPE (49,408 tokens, what single files are
+    read with) instead of the byte-level one."""
+    if full_vocab:
+        tokenizer = load_tokenizer(CONFIGS / "sdxl" / ("tokenizer_2" if pad == "!" else "tokenizer"))
+    else:
+        tokenizer = byte_level_tokenizer(tmp / f"tok-{dim}", pad_token=pad)
+    config = tiny_clip_config(len(tokenizer), dim, hidden_act=act, projection_dim=dim)
+    config.num_attention_heads = dim // 64
     return tokenizer, (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def tiny_sd3_pipeline(tmp: Path, *, with_t5: bool = True) -> StableDiffusion3Pipeline:
-    tok_l, te_l = _clip(tmp, CLIP_L, None, True)
-    tok_g, te_g = _clip(tmp, CLIP_G, "!", True, "gelu")
+def tiny_sd3_pipeline(tmp: Path, *, with_t5: bool = True, full_vocab: bool = False) -> StableDiffusion3Pipeline:
+    tok_l, te_l = _clip(tmp, CLIP_L, None, True, full_vocab=full_vocab)
+    tok_g, te_g = _clip(tmp, CLIP_G, "!", True, "gelu", full_vocab=full_vocab)
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=JOINT,
-        pooled_projection_dim=2 * PROJECTION, pos_embed_max_size=32, qk_norm="rms_norm")
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=1, caption_projection_dim=64, joint_attention_dim=JOINT,
+        pooled_projection_dim=CLIP_L + CLIP_G, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
         vae=tiny_flow_vae(1.5305, 0.0609), text_encoder=te_l, tokenizer=tok_l, text_encoder_2=te_g,
@@ -72,12 +82,12 @@ def tiny_sd3_pipeline(tmp: Path, *, with_t5: bool = True) -> StableDiffusion3Pip
         tokenizer_3=t5_tokenizer() if with_t5 else None)
 
 
-def tiny_flux_pipeline(tmp: Path, *, schnell: bool = False) -> FluxPipeline:
-    tok_l, te_l = _clip(tmp, CLIP_L, None, False)
+def tiny_flux_pipeline(tmp: Path, *, schnell: bool = False, full_vocab: bool = False) -> FluxPipeline:
+    tok_l, te_l = _clip(tmp, CLIP_L, None, False, full_vocab=full_vocab)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=JOINT, pooled_projection_dim=CLIP_L,
-        guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6))
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=1, joint_attention_dim=JOINT, pooled_projection_dim=CLIP_L,
+        guidance_embeds=not schnell, axes_dims_rope=(16, 56, 56))
     scheduler = FLUX_SCHNELL_SCHEDULER if schnell else FLUX_DEV_SCHEDULER
     return FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
@@ -85,17 +95,17 @@ def tiny_flux_pipeline(tmp: Path, *, schnell: bool = False) -> FluxPipeline:
         tokenizer_2=t5_tokenizer())
 
 
-def build_tiny_sd3(path: Path, *, seed: int = 0, with_t5: bool = True) -> Path:
+def build_tiny_sd3(path: Path, *, seed: int = 0, with_t5: bool = True, full_vocab: bool = False) -> Path:
     """A tiny SD3-layout diffusers folder (native size 256)."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_sd3_pipeline(Path(tmp), with_t5=with_t5).save_pretrained(path)
+        tiny_sd3_pipeline(Path(tmp), with_t5=with_t5, full_vocab=full_vocab).save_pretrained(path)
     return Path(path)
 
 
-def build_tiny_flux(path: Path, *, seed: int = 0, schnell: bool = False) -> Path:
+def build_tiny_flux(path: Path, *, seed: int = 0, schnell: bool = False, full_vocab: bool = False) -> Path:
     """A tiny Flux-dev-layout (schnell: Flux-schnell-layout) diffusers folder."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_flux_pipeline(Path(tmp), schnell=schnell).save_pretrained(path)
+        tiny_flux_pipeline(Path(tmp), schnell=schnell, full_vocab=full_vocab).save_pretrained(path)
     return Path(path)

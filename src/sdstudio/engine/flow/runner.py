@@ -19,7 +19,7 @@ from sdstudio.engine.requests import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, Generati
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.validate import check_fields
 from sdstudio.errors import RequestError
-from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.find.hashing import HashCache
 from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel, FlowModels, flow_family
 from sdstudio.prompts.grammar import parse
@@ -37,9 +37,10 @@ class FlowRunner:
 
     name = "flow"
 
-    def __init__(self, settings: Settings, hashes: HashCache):
+    def __init__(self, settings: Settings, folders: ModelFolders, hashes: HashCache):
         self.settings = settings
-        self.models = FlowModels(settings.device, settings.dtype, settings.offload, hashes, settings.models_in_memory)
+        self.models = FlowModels(settings.device, settings.dtype, settings.offload, hashes, folders,
+                                 settings.models_in_memory)
 
     def owns(self, ref: ModelRef | None) -> bool:
         return ref is not None and flow_family(ref.path) is not None

@@ -50,22 +50,27 @@ class ModelFolders:
     vae_approx: tuple[Path, ...] = ()  # TAESD's original files (models/load/tiny_vae.py)
     ip_adapter: tuple[Path, ...] = ()  # IP-Adapter files (also found by name in the ControlNet folders)
     clip_vision: tuple[Path, ...] = ()  # CLIP image encoders for IP-Adapters
+    text_encoders: tuple[Path, ...] = ()  # CLIP-L/G and T5 files beside SD3/Flux single files
 
 
 def model_folders(settings: Settings) -> ModelFolders:
     """Our folders first, then an A1111 install (models/Stable-diffusion, models/VAE, models/VAE-approx,
     models/Lora, embeddings/, the ControlNet extension's folders, which also hold its IP-Adapters and image
-    encoders) and a ComfyUI install (models/checkpoints, models/vae, models/vae_approx, models/loras,
-    models/embeddings, models/controlnet, models/ipadapter, models/clip_vision)."""
+    encoders; Forge's models/text_encoder) and a ComfyUI install (models/checkpoints, models/unet and
+    models/diffusion_models (transformer-only SD3/Flux files), models/vae, models/vae_approx, models/loras,
+    models/embeddings, models/controlnet, models/ipadapter, models/clip_vision, models/text_encoders, models/clip).
+    """
     a1111, comfy, home = settings.a1111_dir, settings.comfyui_dir, settings.home
     checkpoints = [("sdstudio", p) for p in settings.models_dirs]
     vae, lora, embeddings = [home / "vae"], [home / "lora"], [home / "embeddings"]
     controlnet = [home / "controlnet", *(d / "controlnet" for d in settings.models_dirs)]
     approx = [home / "vae-approx"]
     ip_adapter, clip_vision = [home / "ipadapter"], [home / "clip_vision"]
+    text_encoders = [home / "text_encoders"]
     if a1111:
         controlnet += [a1111 / "models" / "ControlNet", a1111 / "extensions" / "sd-webui-controlnet" / "models"]
         checkpoints.append(("a1111", a1111 / "models" / "Stable-diffusion"))
+        text_encoders.append(a1111 / "models" / "text_encoder")  # Forge's folder for CLIP/T5 files
         vae.append(a1111 / "models" / "VAE")
         approx.append(a1111 / "models" / "VAE-approx")
         ip_adapter.append(a1111 / "models" / "ipadapter")
@@ -74,7 +79,9 @@ def model_folders(settings: Settings) -> ModelFolders:
         lora += [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
         embeddings.append(a1111 / "embeddings")
     if comfy:
-        checkpoints += [("comfyui", comfy / "models" / "checkpoints"), ("comfyui", comfy / "models" / "diffusers")]
+        checkpoints += [("comfyui", comfy / "models" / name) for name in ("checkpoints", "diffusers", "unet",
+                                                                           "diffusion_models")]
+        text_encoders += [comfy / "models" / "text_encoders", comfy / "models" / "clip"]
         vae.append(comfy / "models" / "vae")
         approx.append(comfy / "models" / "vae_approx")
         lora.append(comfy / "models" / "loras")
@@ -84,7 +91,7 @@ def model_folders(settings: Settings) -> ModelFolders:
         clip_vision.append(comfy / "models" / "clip_vision")
     lora.append(PACKAGED_LORAS)
     return ModelFolders(tuple(checkpoints), tuple(vae), tuple(lora), tuple(embeddings), settings.hf_cache,
-                        tuple(controlnet), tuple(approx), tuple(ip_adapter), tuple(clip_vision))
+                        tuple(controlnet), tuple(approx), tuple(ip_adapter), tuple(clip_vision), tuple(text_encoders))
 
 
 def model_name(path: Path) -> str:

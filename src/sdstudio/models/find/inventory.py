@@ -14,6 +14,7 @@ from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash, weight_files
 from sdstudio.models.load.checkpoint_io import read_metadata
 from sdstudio.models.load.families import FAMILY_INFO, detect_family, sidecar_says_v
+from sdstudio.models.load.flow import flow_family, listing_family
 from sdstudio.models.load.kandinsky import is_kandinsky_folder, kandinsky_family
 from sdstudio.models.load.ldm_layout import read_family_from_folder
 from sdstudio.models.tools.convert import FAMILY_KEY
@@ -52,6 +53,8 @@ def header_shapes(path: Path) -> dict[str, _Shape]:
 def family_of(ref: ModelRef) -> str:
     """The family, found without loading weights (a .ckpt is only inspected when loaded)."""
     try:
+        if ref.kind != "recipe" and flow_family(ref.path):
+            return listing_family(ref.path)
         if ref.kind == "diffusers":
             return kandinsky_family(ref.path) if is_kandinsky_folder(ref.path) else read_family_from_folder(ref.path)
         if ref.kind == "recipe":

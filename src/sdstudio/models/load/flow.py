@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sdstudio.errors import ModelError
-from sdstudio.models.find.catalog import ModelRef
+from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash
 from sdstudio.models.load.configs import ASSETS, load_tokenizer
 from sdstudio.models.load.kandinsky import pipeline_class
@@ -43,8 +43,28 @@ FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
 
 
 def flow_family(path: Path) -> str | None:
-    """'sd3' or 'flux' for a diffusers folder of those families, else None."""
-    return PIPELINES.get(pipeline_class(path) or "") if Path(path).is_dir() else None
+    """'sd3' or 'flux' for a diffusers folder or a single .safetensors file of those families, else None."""
+    from sdstudio.models.load.flow_files import file_family
+
+    path = Path(path)
+    return PIPELINES.get(pipeline_class(path) or "") if path.is_dir() else file_family(path)
+
+
+def listing_family(path: Path) -> str:
+    """sd3 | flux-dev | flux-schnell from a folder's configs (Flux-dev's transformer embeds guidance); a single
+    file's variant (sd3, sd3.5-medium, sd3.5-large, flux-dev, flux-schnell) from its keys."""
+    from sdstudio.models.load.flow_files import file_variant
+
+    if Path(path).is_file():
+        return file_variant(Path(path))
+    family = flow_family(path)
+    if family != "flux":
+        return str(family)
+    try:
+        config = json.loads((Path(path) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {Path(path).name}'s transformer config: {e}") from None
+    return "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
 
 
 @dataclass(frozen=True)
@@ -160,9 +180,14 @@ def load_flow_folder(ref: ModelRef, dtype: torch.dtype) -> tuple[str, dict[str, 
     return family, parts
 
 
-def load_flow(ref: ModelRef, device: torch.device, dtype: torch.dtype, offload: str,
-              hashes: HashCache) -> FlowModel:
-    family, parts = load_flow_folder(ref, dtype)
+def load_flow(ref: ModelRef, device: torch.device, dtype: torch.dtype, offload: str, hashes: HashCache,
+              folders: ModelFolders) -> FlowModel:
+    if ref.kind == "file":
+        from sdstudio.models.load.flow_files import load_flow_file
+
+        family, parts = load_flow_file(ref.path, dtype, folders.text_encoders, folders.vae)
+    else:
+        family, parts = load_flow_folder(ref, dtype)
     encoders = [te.encoder for te in parts["clip"]] + ([parts["t5"].encoder] if parts["t5"] else [])
     for module in (*encoders, parts["transformer"], parts["vae"]):
         module.eval().requires_grad_(False)
@@ -176,8 +201,9 @@ class FlowModels:
     """Loaded flow models, least recently used first, at most `capacity` of them."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, offload: str, hashes: HashCache,
-                 capacity: int = 1):
+                 folders: ModelFolders, capacity: int = 1):
         self.device, self.dtype, self.offload, self.hashes, self.capacity = device, dtype, offload, hashes, capacity
+        self.folders = folders
         self._loaded: dict[tuple[Path, int], FlowModel] = {}
 
     @property
@@ -192,6 +218,6 @@ class FlowModels:
             return self._loaded[key]
         while len(self._loaded) >= self.capacity:
             log.info("unloading %s", self._loaded.pop(next(iter(self._loaded))).name)
-        model = load_flow(ref, self.device, self.dtype, self.offload, self.hashes)
+        model = load_flow(ref, self.device, self.dtype, self.offload, self.hashes, self.folders)
         self._loaded[key] = model
         return model
