@@ -138,7 +138,7 @@ def _is_flow_vae(path: Path) -> bool:
     except ModelError:
         return False
     key = next((k for k in (VAE + "encoder.conv_out.weight", "encoder.conv_out.weight") if k in shapes), None)
-    return key is not None and tuple(shapes[key].shape)[0] == 32  # 16 latent channels: mean and log-variance
+    return key is not None and shapes[key].shape[0] == 32  # 16 latent channels: mean and log-variance
 
 
 # ---- reading tensors ------------------------------------------------------------------------------------------
