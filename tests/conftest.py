@@ -66,3 +66,20 @@ def shapes_image(size: int = 64) -> Image.Image:
 @pytest.fixture
 def init_image() -> Image.Image:
     return shapes_image()
+
+
+@pytest.fixture(scope="session")
+def flow_models(tmp_path_factory):
+    from sdstudio.testing.tiny_flow import build_tiny_flux, build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("flow-models")
+    build_tiny_sd3(root / "tiny-sd3", seed=3)
+    build_tiny_sd3(root / "tiny-sd3-no-t5", seed=4, with_t5=False)
+    build_tiny_flux(root / "tiny-flux-dev", seed=5)
+    build_tiny_flux(root / "tiny-flux-schnell", seed=6, schnell=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def flow_engine(tmp_path_factory, flow_models) -> Engine:
+    return Engine(make_settings(tmp_path_factory.mktemp("flow-home"), flow_models))

@@ -16,29 +16,12 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw
 
-from sdstudio import Engine, GenerationRequest
+from sdstudio import GenerationRequest
 from sdstudio.engine.flow.latents import encode_image, unpack
-from tests.conftest import make_settings, shapes_image
+from tests.conftest import shapes_image
 from tests.test_parity import SEED, assert_close_latents, assert_same, generators
 
 PROMPT = "a small red circle at the top left"
-
-
-@pytest.fixture(scope="session")
-def flow_models(tmp_path_factory):
-    from sdstudio.testing.tiny_flow import build_tiny_flux, build_tiny_sd3
-
-    root = tmp_path_factory.mktemp("flow-models")
-    build_tiny_sd3(root / "tiny-sd3", seed=3)
-    build_tiny_sd3(root / "tiny-sd3-no-t5", seed=4, with_t5=False)
-    build_tiny_flux(root / "tiny-flux-dev", seed=5)
-    build_tiny_flux(root / "tiny-flux-schnell", seed=6, schnell=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def flow_engine(tmp_path_factory, flow_models) -> Engine:
-    return Engine(make_settings(tmp_path_factory.mktemp("flow-home"), flow_models))
 
 
 PIPELINES = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-sd3-no-t5": StableDiffusion3Pipeline,

@@ -1,0 +1,138 @@
+"""SD3 and Flux at every door: what they refuse (and how clearly), what A1111 clients get, the infotext, prompts,
+progress and cancel, offload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdstudio import Engine, GenerationRequest
+from sdstudio.a1111.infotext import parse_infotext, request_fields
+from sdstudio.engine.flow.encode import WeightedText, encode
+from sdstudio.engine.flow.runner import weighted
+from sdstudio.engine.hooks import CancelToken
+from sdstudio.errors import Cancelled, RequestError
+from sdstudio.pictures import decode_image
+from tests.conftest import make_settings
+
+FLUX = "tiny-flux-dev"
+
+
+def small(**fields) -> GenerationRequest:
+    return GenerationRequest.from_flat(**{"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 7,
+                                "model": FLUX, "cfg_scale": 1.0, **fields})
+
+
+@pytest.mark.parametrize(("fields", "field", "says"), [
+    ({"sampler": "Euler a"}, "sampler", "flow-matching Euler"),
+    ({"schedule": "Karras"}, "schedule", "shifted sigmas"),
+    ({"controlnets": ({"model": "x", "image": None},)}, "controlnets", "ControlNet"),
+    ({"pag_scale": 3.0}, "pag_scale", "perturbed-attention"),
+    ({"enable_hr": True}, "enable_hr", "hires fix"),
+    ({"clip_skip": 2}, "clip_skip", "pooled output"),
+    ({"prompt": "a [red:blue:0.5] circle"}, "prompt", "prompt editing"),
+    ({"prompt": "a <lora:x:1> circle"}, "prompt", "lora"),
+    ({"distilled_cfg_scale": -1.0}, "distilled_cfg_scale", "from 0 to"),
+])
+def test_what_flow_models_cannot_do_is_a_clear_error(flow_engine, fields, field, says):
+    with pytest.raises(RequestError, match=says) as caught:
+        flow_engine.prepare(small(**fields))
+    assert caught.value.field == field
+
+
+def test_sizes_off_the_grid_name_the_nearest(flow_engine):
+    with pytest.raises(RequestError, match=r"multiple of 16 .*nearest: 64"):
+        flow_engine.generate(small(width=72))
+
+
+def test_a_fallback_request_runs_euler_and_says_so(flow_engine):
+    result = flow_engine.generate(small(sampler="DPM++ 2M SDE", schedule="Karras", sampler_fallback=True))
+    assert result.request.sampler == "Euler" and result.request.schedule == "Automatic"
+    assert any("replaced by Euler" in w for w in result.warnings)
+    assert any("shifted sigmas" in w for w in result.warnings)
+
+
+def test_infotext_is_forges_and_reads_back(flow_engine):
+    image = flow_engine.generate(small(distilled_cfg_scale=2.5, shift=2.0)).images[0]
+    assert "Sampler: Euler" in image.infotext and "Distilled CFG Scale: 2.5" in image.infotext
+    assert "Shift: 2," in image.infotext
+    fields = request_fields(parse_infotext(image.infotext))
+    assert fields["distilled_cfg_scale"] == 2.5 and fields["shift"] == 2.0 and fields["sampler"] == "Euler"
+    again = flow_engine.generate(GenerationRequest.from_flat(**{**fields, "model": FLUX}))
+    assert again.images[0].image.tobytes() == image.image.tobytes()
+
+
+def test_shift_moves_the_schedule(flow_engine):
+    own = flow_engine.generate(small(steps=4)).images[0].record["sampler"]["sigmas"]
+    shifted = flow_engine.generate(small(steps=4, shift=6.0)).images[0].record["sampler"]["sigmas"]
+    s = 0.75  # the second sigma of 4 linear steps from 1, shifted: shift * s / (1 + (shift - 1) * s)
+    assert shifted[1] == pytest.approx(6.0 * s / (1 + 5.0 * s), abs=1e-5) and own[1] != shifted[1]
+
+
+def test_weights_scale_clip_only_and_t5_reads_plain_text(flow_engine):
+    model = flow_engine.families.get("flow").models.get(flow_engine.model_ref("tiny-sd3"))
+    text = weighted("a (red:1.5) circle BREAK on blue", "a1111")
+    assert text.text == "a red circle on blue" and text.weighted
+    plain = encode(model, WeightedText(text.text))
+    heavy = encode(model, text)
+    t5_rows = slice(77, None)  # SD3's context: 77 CLIP rows, then T5's
+    assert torch.equal(plain.context[:, t5_rows], heavy.context[:, t5_rows])
+    assert not torch.allclose(plain.context[:, :77], heavy.context[:, :77])
+    assert torch.equal(plain.pooled, heavy.pooled)  # pooled: CLIP's end token, unweighted as in A1111
+
+
+def test_a_prompt_longer_than_t5_reads_is_a_warning(flow_engine):
+    words = " ".join(f"word{i}" for i in range(400))  # > 512 T5 tokens for Flux
+    result = flow_engine.generate(small(prompt=words, steps=1))
+    assert any("T5 tokens" in w and "reads 512" in w for w in result.warnings)
+
+
+def test_progress_preview_and_cancel(flow_engine):
+    events = []
+    flow_engine.generate(small(steps=3, batch_size=2), progress=events.append)
+    assert [e.step for e in events] == [1, 2, 3] and events[-1].fraction == 1.0
+    assert events[0].preview().size == (8, 8)  # one pixel per latent cell
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        flow_engine.generate(small(steps=3), cancel=token)
+
+
+def test_interrupt_keeps_the_image_made_so_far(flow_engine):
+    token = CancelToken()
+    token.interrupt()
+    result = flow_engine.generate(small(steps=4, n_iter=3), cancel=token)
+    assert len(result.images) == 1
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_gives_the_same_image(flow_models, tmp_path, flow_engine, offload):
+    settings = make_settings(tmp_path, flow_models)
+    engine = Engine(type(settings)(**{**settings.__dict__, "offload": offload}))
+    ours = engine.generate(small(model="tiny-sd3", cfg_scale=3.0)).latents
+    assert torch.allclose(ours, flow_engine.generate(small(model="tiny-sd3", cfg_scale=3.0)).latents, atol=1e-5)
+
+
+def test_http_doors(flow_models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sdstudio.server.app import create_app
+    from sdstudio.testing.live import wait_for_job
+
+    settings = make_settings(tmp_path / "home", flow_models)
+    with TestClient(create_app(settings, tmp_path / "data")) as client:
+        refused = client.post("/api/v1/jobs", json={"request": {**small(sampler="Euler a").to_dict()}})
+        assert refused.status_code == 422 and "Euler" in refused.text
+        job = client.post("/api/v1/jobs", json={"request": small(distilled_cfg_scale=2.0).to_dict()}).json()
+        assert wait_for_job(client, job["id"])["status"] == "done"
+        body = {"prompt": "a red circle", "steps": 2, "seed": 3, "width": 64, "height": 64, "cfg_scale": 1,
+                "sampler_name": "DPM++ 2M", "scheduler": "Karras", "distilled_cfg_scale": 3.0,
+                "override_settings": {"sd_model_checkpoint": FLUX}}
+        reply = client.post("/sdapi/v1/txt2img", json=body)
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert decode_image(data["images"][0], "image").size == (64, 64)
+        info = __import__("json").loads(data["info"])
+        assert "Distilled CFG Scale: 3," in info["infotexts"][0] and "Sampler: Euler" in info["infotexts"][0]
+        models = client.get("/sdapi/v1/sd-models").json()
+        assert FLUX in [m["model_name"] for m in models]
