@@ -31,7 +31,7 @@ def small(**fields) -> GenerationRequest:
     ({"enable_hr": True}, "enable_hr", "hires fix"),
     ({"clip_skip": 2}, "clip_skip", "pooled output"),
     ({"prompt": "a [red:blue:0.5] circle"}, "prompt", "prompt editing"),
-    ({"prompt": "a <lora:x:1> circle"}, "prompt", "lora"),
+    ({"prompt": "a <lora:x:1> circle"}, "prompt", "unknown LoRA"),
     ({"distilled_cfg_scale": -1.0}, "distilled_cfg_scale", "from 0 to"),
 ])
 def test_what_flow_models_cannot_do_is_a_clear_error(flow_engine, fields, field, says):

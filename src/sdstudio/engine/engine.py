@@ -53,7 +53,7 @@ class Engine:
         self.upscalers = Upscalers(settings, self.folders, self.models.hashes)
         self.families = Families([  # asked in order; Stable Diffusion owns what the others do not
             KandinskyRunner(settings, self.models.hashes),  # Kandinsky 2.2: diffusers pipelines
-            FlowRunner(settings, self.folders, self.models.hashes),  # SD3 and Flux: the flow-matching loop
+            FlowRunner(settings, self.folders, self.models.hashes, self.addons),  # SD3 and Flux: the flow-matching loop
             SdRunner(settings, self.folders, self.models, self.addons, self.model_ref),
         ])
 

@@ -53,8 +53,9 @@ class FlowInputs:
 
 class FlowJob:
     def __init__(self, model: FlowModel, req: GenerationRequest, prompts: tuple[WeightedText, WeightedText],
-                 progress: ProgressCallback | None, cancel: CancelToken | None):
-        self.model, self.req, self.prompts = model, req, prompts
+                 progress: ProgressCallback | None, cancel: CancelToken | None,
+                 extra_params: dict[str, Any] | None = None):
+        self.model, self.req, self.prompts, self.extra_params = model, req, prompts, extra_params or {}
         self.progress, self.cancel = progress, cancel
         self.scheduler = scheduler_for(model, req.shift)
         self.h, self.w = req.height // model.factor, req.width // model.factor
@@ -179,7 +180,7 @@ class FlowJob:
     def describe(self, batch: DecodedBatch, k: int, index: int, seed: int) -> GeneratedImage:
         req, model, picture = self.req, self.model, batch.pictures[k]
         extra = {"Distilled CFG Scale": req.distilled_cfg_scale if model.guidance_embeds else None,
-                 "Shift": req.shift or None}
+                 "Shift": req.shift or None, **self.extra_params}
         record = image_record(req, index, seed, model=model_record(model),
                               sampler={"name": req.sampler, "schedule": req.schedule,
                                        "scheduler": type(self.scheduler).__name__,

@@ -11,14 +11,18 @@ import logging
 import random
 import time
 
+from sdstudio.a1111.extras import addon_params
 from sdstudio.engine.flow.encode import T5_TOKENS, WeightedText, t5_token_count
 from sdstudio.engine.flow.job import FlowJob
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.prepared import PreparedJob
 from sdstudio.engine.requests import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
+from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.validate import check_fields
 from sdstudio.errors import RequestError
+from sdstudio.models.addons.flow_lora import read_flow_lora
+from sdstudio.models.addons.lora import LoraFile, loras_applied
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.find.hashing import HashCache
 from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel, FlowModels, flow_family
@@ -37,8 +41,8 @@ class FlowRunner:
 
     name = "flow"
 
-    def __init__(self, settings: Settings, folders: ModelFolders, hashes: HashCache):
-        self.settings = settings
+    def __init__(self, settings: Settings, folders: ModelFolders, hashes: HashCache, addons: AddOnLibrary):
+        self.settings, self.addons = settings, addons
         self.models = FlowModels(settings.device, settings.dtype, settings.offload, hashes, folders,
                                  settings.models_in_memory)
 
@@ -49,7 +53,10 @@ class FlowRunner:
         assert ref is not None  # owns() said so
         family = flow_family(ref.path)
         request, notes = sampler_for(request, FAMILY_NAMES[family])
-        prompts = check_supported(request, FAMILY_NAMES[family], self.settings.limits)
+        prompt = request.prompt
+        if isinstance(prompt, str):  # <lora:name:weight> tags: the files must exist; the encoders never see them
+            prompt, _ = self.addons.find_loras(prompt)
+        prompts = check_supported(request.replace(prompt=prompt), FAMILY_NAMES[family], self.settings.limits)
         return PreparedJob(request, self.name, ref, plain_prompts=prompts, notes=tuple(notes))
 
     def generate(self, job: PreparedJob, progress: ProgressCallback | None = None,
@@ -61,10 +68,25 @@ class FlowRunner:
         warnings = [*job.notes, *warnings, *prompt_warnings(model, (positive, negative))]
         log.info("%s %s: %d image(s), %d steps, seed %d", FAMILY_NAMES[model.family], req.mode, req.total_images,
                  req.steps, req.seed)
-        images, latents = FlowJob(model, req, (positive, negative), progress, cancel).run()
+        loras = self.loras(job.request.prompt, model)
+        with loras_applied(model.transformer, [te.encoder for te in model.clip], loras) as report:
+            warnings += [f"LoRA matches only part of this model: {f.summary()}" for f in report.files
+                         if not f.skipped and f.partial]
+            extra = addon_params(((f.name, f.short_hash) for f, w in loras if w), ())
+            images, latents = FlowJob(model, req, (positive, negative), progress, cancel, extra).run()
         for warning in warnings:
             log.info("warning for the user: %s", warning)
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
+
+
+    def loras(self, prompt: str, model: FlowModel) -> list[tuple[LoraFile, float]]:
+        """The LoRA files the prompt names, read for the model's family (cached by file and mtime)."""
+        _, found = self.addons.find_loras(prompt)
+        if found and model.offload == "sequential":
+            raise RequestError("LoRAs change weights, which sequential offload streams from the CPU; use --offload "
+                               "model or none with them", "prompt")
+        return [(self.addons.cached(path, lambda p: read_flow_lora(p, model.family)), weight)
+                for path, weight in found]
 
 
 def sampler_for(req: GenerationRequest, family: str) -> tuple[GenerationRequest, list[str]]:
@@ -147,9 +169,9 @@ def _checked(text: str, name: str, syntax: str, family: str, negative: bool) -> 
         raise RequestError(f"prompt_syntax: {family} models read 'a1111' (weights) or 'plain' prompts, got "
                            f"{syntax!r}", "prompt_syntax")
     parsed = parse(text, negative=negative)  # PromptSyntaxError (a RequestError) for broken syntax
-    if parsed.extra_networks:
-        raise RequestError(f"{name}: <{parsed.extra_networks[0].kind}:...> tags are not available for {family} "
-                           "models yet: remove them", name)
+    if parsed.extra_networks:  # the prompt's LoRA tags were taken out before: these are the negative prompt's
+        raise RequestError(f"{name}: <{parsed.extra_networks[0].kind}:...> tags belong in the prompt, as in A1111",
+                           name)
     if len(parsed.subprompts) > 1 or parsed.is_scheduled:
         raise RequestError(f"{name}: AND and prompt editing [a:b:0.5] / alternation [a|b] are not available for "
                            f"{family} models (T5 reads the prompt whole); weights (word:1.2) are", name)

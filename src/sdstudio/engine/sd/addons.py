@@ -166,6 +166,10 @@ class AddOnLibrary:
                         found.setdefault(p.stem.lower(), p)
         return found
 
+    def cached(self, path: Path, reader: Any) -> Any:
+        """reader(path), kept among the last few files read (another family's LoRA reader, e.g.)."""
+        return self._read(path, reader)
+
     def _read(self, path: Path, reader: Any) -> Any:
         key = (path.resolve(), path.stat().st_mtime_ns)  # a file changed on disk is read again
         if key not in self._cache:

@@ -30,7 +30,9 @@ from torch import Tensor
 COMPONENTS = ("unet", "te1", "te2")  # te1: CLIP-L (SD2: OpenCLIP-H), te2: SDXL's OpenCLIP-G
 
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
-_DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"))
+# "transformer.": SD3's and Flux's denoiser, which takes the UNet's slot
+_DIFFUSERS_PREFIXES = (("unet.", "unet"), ("transformer.", "unet"), ("text_encoder_2.", "te2"),
+                       ("text_encoder.", "te1"))
 _PROCESSOR_TARGETS = {  # attention-processor LoRA names -> module, per component kind
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "te": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
