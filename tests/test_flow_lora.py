@@ -65,7 +65,8 @@ def lora_engine(flow_models, tmp_path_factory):
     return Engine(make_settings(home, flow_models)), lora
 
 
-CASES = [("tiny-flux-dev", FluxPipeline, "kohya-flux", 0.8, 1.0), ("tiny-flux-dev", FluxPipeline, "peft-flux", 1.0, 1.0),
+CASES = [("tiny-flux-dev", FluxPipeline, "kohya-flux", 0.8, 1.0),
+         ("tiny-flux-dev", FluxPipeline, "peft-flux", 1.0, 1.0),
          ("tiny-sd3", StableDiffusion3Pipeline, "peft-sd3", 0.7, 4.0)]
 
 
