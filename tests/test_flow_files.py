@@ -152,6 +152,20 @@ def test_shipped_configs_have_the_published_sizes(name):
     assert abs(count - published) <= tolerance * published, count
 
 
+def test_shipped_text_encoder_and_vae_configs_have_the_published_sizes():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with init_empty_weights():
+        t5 = T5EncoderModel(T5Config.from_pretrained(CONFIGS / "flux-dev" / "text_encoder_2"))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(CONFIGS / "sd3.5-large" / "text_encoder_2"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "flux-dev" / "vae"))
+    t5_params = {n: p.numel() for n, p in t5.named_parameters() if n != "encoder.embed_tokens.weight"}  # = shared
+    assert sum(t5_params.values()) == 4_762_310_656  # T5-v1.1-XXL's encoder
+    assert sum(p.numel() for p in clip_g.parameters()) == 694_659_840  # OpenCLIP ViT-bigG's text tower
+    assert sum(p.numel() for p in vae.parameters()) == 83_819_683
+
+
 def test_header_reads_no_tensors(layouts):
     shapes = header(layouts["comfy"] / "models" / "unet" / "flux1-dev.safetensors")
     assert tuple(shapes["img_in.weight"].shape) == (128, 64)
