@@ -564,3 +564,31 @@ def test_an_image_prompt_unit_reaches_the_image(page, webui_home):
     assert np.abs(result_pixels(page) - before).max() > 0
     page.click(".ip-unit >> text=Remove")
     assert page.locator(".ip-unit").count() == 0
+
+
+def test_a_flux_model_gets_its_own_pickers(page, webui_home):
+    from sdstudio.testing.tiny_flow import build_tiny_flux
+
+    if not (webui_home / "models" / "tiny-flux-dev").exists():
+        build_tiny_flux(webui_home / "models" / "tiny-flux-dev")
+    page.click("#refresh-catalog")
+    page.wait_for_selector("#model option[value=tiny-flux-dev]", state="attached")
+    page.select_option("#model", "tiny-flux-dev")
+    options = page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)")
+    assert options == ["Euler"]
+    assert page.eval_on_selector_all("#schedule option", "os => os.map(o => o.value)") == ["Automatic", "Simple"]
+    assert page.is_visible("#distilled_cfg_scale") and page.is_visible("#shift")
+    assert not page.is_visible("#hires-section") and not page.is_visible("#control-section")
+    fill_basics(page, "a red circle", seed=3, steps=2)
+    page.fill("#cfg_scale", "1")
+    page.fill("#distilled_cfg_scale", "2.5")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.click("#generate")
+    wait_for_result(page)
+    info = page.inner_text("#infotext")
+    assert "Model: tiny-flux-dev" in info and "Distilled CFG Scale: 2.5" in info and "Sampler: Euler" in info
+    shot(page, "flux")
+    page.select_option("#model", "demo")
+    assert len(page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)")) > 10
+    assert not page.is_visible("#distilled_cfg_scale") and page.is_visible("#hires-section")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from sdstudio.a1111.names import MASKED_CONTENT  # our masked-content modes are A1111's
 from sdstudio.a1111.options import MODEL_HASH_DIGITS, model_title
 from sdstudio.engine.engine import Engine
+from sdstudio.engine.flow.runner import FLOW_SAMPLER, FLOW_SCHEDULES
 from sdstudio.engine.pipelines.upscale import is_x4_folder, latent_upscale_modes
 from sdstudio.engine.presets import PRESETS, companion_lora
 from sdstudio.engine.record import read_fields
@@ -37,6 +38,7 @@ from sdstudio.models.find.inventory import family_of
 from sdstudio.models.find.previews import preview_of
 from sdstudio.models.load import controlnet
 from sdstudio.models.load.families import FAMILY_INFO
+from sdstudio.models.load.flow import LISTING_FAMILIES as FLOW_FAMILIES
 from sdstudio.models.load.ip_adapter import available_adapters, available_encoders
 from sdstudio.models.load.tiny_vae import TINY_NAMES, find_tiny_vae
 from sdstudio.models.load.vae import vae_files
@@ -216,11 +218,17 @@ def generation_models(engine: Engine) -> list[ModelRef]:
 
 def model_entry(ref: ModelRef, sha256: str | None = None) -> dict[str, Any]:
     """name (what `model` takes), A1111 title (with the short hash once it is known), family and whether it
-    is an inpainting model; family and inpainting null when the configs or header cannot say."""
+    is an inpainting model; family and inpainting null when the configs or header cannot say. SD3 and Flux
+    models add `flow`: the samplers and schedules they run, and whether they take a distilled guidance value."""
     family = family_of(ref)
     info = FAMILY_INFO.get(family)
-    return {"name": ref.name, "title": model_title(ref, sha256[:MODEL_HASH_DIGITS] if sha256 else None),
-            "family": family if info else None, "inpainting": info.inpaint if info else None}
+    entry = {"name": ref.name, "title": model_title(ref, sha256[:MODEL_HASH_DIGITS] if sha256 else None),
+             "family": family if info else None, "inpainting": info.inpaint if info else None}
+    if family in FLOW_FAMILIES:  # SD3/Flux: what their pickers offer (engine/flow/runner.py)
+        entry.update(family=family, inpainting=False, flow={
+            "samplers": [FLOW_SAMPLER], "schedules": list(FLOW_SCHEDULES),
+            "distilled_cfg": family == "flux-dev"})
+    return entry
 
 
 def default_model(engine: Engine, refs: list[ModelRef]) -> str | None:

@@ -40,6 +40,7 @@ PIPELINES = {  # model_index.json `_class_name` -> family
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
 }
 FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
+LISTING_FAMILIES = ("sd3", "sd3.5-medium", "sd3.5-large", "flux-dev", "flux-schnell")  # what listings call them
 
 
 def flow_family(path: Path) -> str | None:

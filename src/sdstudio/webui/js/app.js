@@ -1,6 +1,7 @@
 // Boot: read the catalog, fill the pickers, wire the views. Ctrl+Enter generates (or runs the plot on its page).
 import * as api from "./api.js";
 import { $, $$, clearErrors, fillSelect, showError } from "./dom.js";
+import { applyFamily } from "./family.js";
 import { Studio } from "./generate.js";
 import { History, watchQueue } from "./history.js";
 import { Networks } from "./networks.js";
@@ -38,6 +39,7 @@ async function refreshCatalog(studio, networks) {
   const catalog = await api.get("/api/v1/catalog");
   fillFilePickers(catalog, { model: $("#model").value, vae: $("#vae").value }, networks);
   studio.catalog = catalog;
+  applyFamily(catalog, $("#model").value);
 }
 
 // The server's defaults (Settings page; A1111's options): the model, VAE and clip skip this page starts with.
@@ -85,7 +87,10 @@ async function main() {
   });
   watchQueue($("#queue"), history);
   await applyServerDefaults(catalog);
+  // the sampler, schedule and sections the chosen model's family takes, now and whenever the model changes
+  $("#model").addEventListener("change", () => applyFamily(studio.catalog, $("#model").value));
   studio.restoreForm();
+  applyFamily(catalog, $("#model").value);
   $("#refresh-catalog").addEventListener("click", () => refreshCatalog(studio, networks).catch(
     (e) => showError(document.body, null, `cannot read the model catalog: ${e.message}`, $("#form-error"))));
   bindPromptBox("prompt", false);

@@ -4,7 +4,7 @@ import { $, $$ } from "./dom.js";
 // inputs whose id is the request field's name
 const NUMBERS = ["steps", "cfg_scale", "seed", "batch_size", "n_iter", "strength", "clip_skip", "capture_every",
   "subseed", "subseed_strength", "mask_blur", "only_masked_padding", "hr_scale", "hr_second_pass_steps", "pag_scale",
-  "apg_eta", "apg_norm_threshold", "apg_momentum"];
+  "apg_eta", "apg_norm_threshold", "apg_momentum", "distilled_cfg_scale", "shift"];
 const TEXTS = ["prompt", "negative_prompt", "sampler", "schedule", "masked_content", "inpaint_method", "hr_upscaler",
   "guidance"];
 const CHECKS = ["only_masked", "soft_inpainting", "keep_unmasked", "enable_hr"];
@@ -55,6 +55,7 @@ export function writeFields(fields) {
     const match = [...select.options].find((o) => o.value === wanted || o.textContent === wanted);
     if (match) select.value = match.value;
   }
+  $("#model").dispatchEvent(new Event("change"));  // the family's pickers (family.js), the loaded sampler kept
 }
 
 export function setMode(mode) {
