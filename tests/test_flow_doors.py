@@ -11,6 +11,7 @@ from sdstudio.a1111.infotext import parse_infotext, request_fields
 from sdstudio.engine.flow.encode import WeightedText, encode
 from sdstudio.engine.flow.runner import weighted
 from sdstudio.engine.hooks import CancelToken
+from sdstudio.engine.requests import ControlUnit
 from sdstudio.errors import Cancelled, RequestError
 from sdstudio.pictures import decode_image
 from tests.conftest import make_settings
@@ -26,7 +27,7 @@ def small(**fields) -> GenerationRequest:
 @pytest.mark.parametrize(("fields", "field", "says"), [
     ({"sampler": "Euler a"}, "sampler", "flow-matching Euler"),
     ({"schedule": "Karras"}, "schedule", "shifted sigmas"),
-    ({"controlnets": ({"model": "x", "image": None},)}, "controlnets", "ControlNet"),
+    ({"controlnets": (ControlUnit(model="x", guess_mode=True),)}, "controlnets", "guess mode"),
     ({"pag_scale": 3.0}, "pag_scale", "perturbed-attention"),
     ({"enable_hr": True}, "enable_hr", "hires fix"),
     ({"clip_skip": 2}, "clip_skip", "pooled output"),

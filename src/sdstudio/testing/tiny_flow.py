@@ -109,3 +109,28 @@ def build_tiny_flux(path: Path, *, seed: int = 0, schnell: bool = False, full_vo
     with tempfile.TemporaryDirectory() as tmp:
         tiny_flux_pipeline(Path(tmp), schnell=schnell, full_vocab=full_vocab).save_pretrained(path)
     return Path(path)
+
+
+def build_tiny_flow_controlnet(path: Path, family: str, *, union: bool = False, guidance: bool = True,
+                               seed: int = 0) -> Path:
+    """A tiny ControlNet for the tiny SD3 ('sd3', InstantX style: zero pooled input, no VAE shift) or Flux ('flux';
+    `union`: Shakker-Labs Union style, a control mode per picture) transformers, every weight random (seeded) so
+    that its residuals are not the zeros a fresh ControlNet starts from."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    g = torch.Generator().manual_seed(seed)
+    if family == "flux":
+        net = FluxControlNetModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=1, joint_attention_dim=JOINT, pooled_projection_dim=CLIP_L, guidance_embeds=guidance,
+            axes_dims_rope=(16, 56, 56), num_mode=10 if union else None)
+    else:
+        net = SD3ControlNetModel(
+            sample_size=32, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=64, num_attention_heads=1,
+            joint_attention_dim=JOINT, caption_projection_dim=64, pooled_projection_dim=CLIP_L + CLIP_G,
+            out_channels=16, pos_embed_max_size=32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    net.save_pretrained(path)
+    return Path(path)

@@ -8,8 +8,9 @@ x = sigma_0 * noise + (1 - sigma_0) * z0 with z0 the posterior mean (nothing dra
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,10 @@ from torch import Tensor
 
 from sdstudio import __version__
 from sdstudio.a1111 import infotext as a1111
+from sdstudio.a1111.extras import controlnet_params
 from sdstudio.engine.batches import DecodedBatch, run_batches
+from sdstudio.engine.flow.control import FlowControl, flux_residuals, sd3_residuals
+from sdstudio.engine.flow.control import prepare as prepare_control
 from sdstudio.engine.flow.encode import FlowConditioning, WeightedText, encode
 from sdstudio.engine.flow.latents import (
     decode,
@@ -29,11 +33,12 @@ from sdstudio.engine.flow.latents import (
     sigmas,
     unpack,
 )
-from sdstudio.engine.flow.loop import FlowPlan, denoise
+from sdstudio.engine.flow.loop import FlowPlan, Velocity, denoise
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, StopEarly, chain
 from sdstudio.engine.record import environment, image_record
 from sdstudio.engine.requests import GeneratedImage, GenerationRequest
 from sdstudio.engine.sd.canvas import InpaintSource, inpaint_source
+from sdstudio.engine.sd.control import LoadedControl, infotext_units
 from sdstudio.engine.sd.inpaint import inpaint_inputs
 from sdstudio.engine.sd.preview import LatentRGB, fit_latent_rgb
 from sdstudio.engine.sd.stages import initial_noise, make_generators, to_pil
@@ -54,8 +59,11 @@ class FlowInputs:
 class FlowJob:
     def __init__(self, model: FlowModel, req: GenerationRequest, prompts: tuple[WeightedText, WeightedText],
                  progress: ProgressCallback | None, cancel: CancelToken | None,
-                 extra_params: dict[str, Any] | None = None):
+                 extra_params: dict[str, Any] | None = None, nets: Sequence[LoadedControl] = (),
+                 annotators: Path | None = None):
         self.model, self.req, self.prompts, self.extra_params = model, req, prompts, extra_params or {}
+        self.nets, self.annotators = tuple(nets), annotators
+        self.controls: list[FlowControl] = []
         self.progress, self.cancel = progress, cancel
         self.scheduler = scheduler_for(model, req.shift)
         self.h, self.w = req.height // model.factor, req.width // model.factor
@@ -77,6 +85,8 @@ class FlowJob:
 
     def inputs(self) -> FlowInputs:
         req, model = self.req, self.model
+        self.controls = [prepare_control(model, unit, net.model, req.width, req.height, req.init_image, req.mask,
+                                         self.annotators) for unit, net in zip(req.controlnets, self.nets, strict=True)]
         if req.mode == "txt2img":
             return FlowInputs()
         if req.mode == "img2img":
@@ -131,28 +141,31 @@ class FlowJob:
 
         return blend
 
-    def velocity(self, n: int) -> Callable[[Tensor, Tensor, FlowConditioning], Tensor]:
+    def velocity(self, n: int) -> Velocity:
         """The family's transformer call: SD3 takes t = 1000 sigma; Flux takes sigma, its token positions and,
         for Flux-dev, the distilled guidance value."""
         model, dtype = self.model, self.model.transformer.dtype
         transformer = model.transformer
+        controls, total = self.controls, len(self.sigmas) - 1
         if model.family == "sd3":
-            def sd3(x: Tensor, sigma: Tensor, c: FlowConditioning) -> Tensor:
-                t = (sigma * 1000).expand(x.shape[0]).to(x.device, dtype)
-                return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c.context,
-                                   pooled_projections=c.pooled, return_dict=False)[0]
+            def sd3(x: Tensor, sigma: Tensor, c: FlowConditioning, i: int) -> Tensor:
+                x, t = x.to(dtype), (sigma * 1000).expand(x.shape[0]).to(x.device, dtype)
+                extra = sd3_residuals(controls, x, t, c, i, total) if controls else {}
+                return transformer(hidden_states=x, timestep=t, encoder_hidden_states=c.context,
+                                   pooled_projections=c.pooled, return_dict=False, **extra)[0]
             return sd3
         img_ids = image_ids(self.h, self.w).to(device_of(transformer), dtype)
         guidance = self.req.distilled_cfg_scale if model.guidance_embeds else None
 
-        def flux(x: Tensor, sigma: Tensor, c: FlowConditioning) -> Tensor:
-            rows = x.shape[0]
+        def flux(x: Tensor, sigma: Tensor, c: FlowConditioning, i: int) -> Tensor:
+            rows, x = x.shape[0], x.to(dtype)
             t = (sigma * 1000).expand(rows).to(x.device, dtype) / 1000
             g = None if guidance is None else torch.full((rows,), float(guidance), device=x.device, dtype=dtype)
             txt_ids = torch.zeros(c.context.shape[1], 3, device=x.device, dtype=dtype)
-            return transformer(hidden_states=x.to(dtype), timestep=t, guidance=g, pooled_projections=c.pooled,
+            extra = flux_residuals(controls, x, t, c, guidance, txt_ids, img_ids, i, total) if controls else {}
+            return transformer(hidden_states=x, timestep=t, guidance=g, pooled_projections=c.pooled,
                                encoder_hidden_states=c.context, txt_ids=txt_ids, img_ids=img_ids,
-                               return_dict=False)[0]
+                               return_dict=False, **extra)[0]
         return flux
 
     def check(self) -> None:
@@ -180,7 +193,8 @@ class FlowJob:
     def describe(self, batch: DecodedBatch, k: int, index: int, seed: int) -> GeneratedImage:
         req, model, picture = self.req, self.model, batch.pictures[k]
         extra = {"Distilled CFG Scale": req.distilled_cfg_scale if model.guidance_embeds else None,
-                 "Shift": req.shift or None, **self.extra_params}
+                 "Shift": req.shift or None, **self.extra_params,
+                 **controlnet_params(infotext_units(req.controlnets, self.nets))}
         record = image_record(req, index, seed, model=model_record(model),
                               sampler={"name": req.sampler, "schedule": req.schedule,
                                        "scheduler": type(self.scheduler).__name__,

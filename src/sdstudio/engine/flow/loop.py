@@ -21,8 +21,9 @@ from torch import Tensor
 from sdstudio.engine.flow.encode import FlowConditioning
 from sdstudio.engine.hooks import StepHook, StepState
 
-# (x (B, ...), sigma, conditioning rows) -> velocity (B, ...); the family's transformer call (job.py)
-Velocity = Callable[[Tensor, Tensor, FlowConditioning], Tensor]
+# (x (B, ...), sigma, conditioning rows, step i) -> velocity (B, ...); the family's transformer call (job.py),
+# with its ControlNets' residuals for step i
+Velocity = Callable[[Tensor, Tensor, FlowConditioning, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ def denoise(velocity: Velocity, plan: FlowPlan, hook: StepHook | None = None) ->
     for i in range(total):
         sigma, following = plan.sigmas[i], plan.sigmas[i + 1]
         if plan.uncond is None:
-            v = velocity(x, sigma, context).float()
+            v = velocity(x, sigma, context, i).float()
         else:
-            v_neg, v_pos = velocity(torch.cat([x, x]), sigma, context).float().chunk(2)
+            v_neg, v_pos = velocity(torch.cat([x, x]), sigma, context, i).float().chunk(2)
             v = v_neg + plan.cfg_scale * (v_pos - v_neg)
         x_in = x
         x = x + (following - sigma) * v

@@ -12,6 +12,7 @@ import random
 import time
 
 from sdstudio.a1111.extras import addon_params
+from sdstudio.engine.flow.control import FlowControlNets
 from sdstudio.engine.flow.encode import T5_TOKENS, WeightedText, t5_token_count
 from sdstudio.engine.flow.job import FlowJob
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
@@ -19,12 +20,14 @@ from sdstudio.engine.prepared import PreparedJob
 from sdstudio.engine.requests import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, GenerationRequest, GenerationResult
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
+from sdstudio.engine.sd.control import LoadedControl
 from sdstudio.engine.validate import check_fields
 from sdstudio.errors import RequestError
 from sdstudio.models.addons.flow_lora import read_flow_lora
 from sdstudio.models.addons.lora import LoraFile, loras_applied
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.find.hashing import HashCache
+from sdstudio.models.load.controlnet import find_controlnet
 from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel, FlowModels, flow_family
 from sdstudio.prompts.grammar import parse
 from sdstudio.prompts.grammar_attention import attention
@@ -42,7 +45,8 @@ class FlowRunner:
     name = "flow"
 
     def __init__(self, settings: Settings, folders: ModelFolders, hashes: HashCache, addons: AddOnLibrary):
-        self.settings, self.addons = settings, addons
+        self.settings, self.addons, self.folders, self.hashes = settings, addons, folders, hashes
+        self.controlnets = FlowControlNets()
         self.models = FlowModels(settings.device, settings.dtype, settings.offload, hashes, folders,
                                  settings.models_in_memory)
 
@@ -57,7 +61,9 @@ class FlowRunner:
         if isinstance(prompt, str):  # <lora:name:weight> tags: the files must exist; the encoders never see them
             prompt, _ = self.addons.find_loras(prompt)
         prompts = check_supported(request.replace(prompt=prompt), FAMILY_NAMES[family], self.settings.limits)
-        return PreparedJob(request, self.name, ref, plain_prompts=prompts, notes=tuple(notes))
+        controls = tuple(find_controlnet(unit.model, self.folders.controlnet, self.settings.names_only)
+                         for unit in request.controlnets)
+        return PreparedJob(request, self.name, ref, controls=controls, plain_prompts=prompts, notes=tuple(notes))
 
     def generate(self, job: PreparedJob, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
@@ -73,7 +79,10 @@ class FlowRunner:
             warnings += [f"LoRA matches only part of this model: {f.summary()}" for f in report.files
                          if not f.skipped and f.partial]
             extra = addon_params(((f.name, f.short_hash) for f, w in loras if w), ())
-            images, latents = FlowJob(model, req, (positive, negative), progress, cancel, extra).run()
+            nets = [LoadedControl(self.controlnets.get(path, model), path.name, self.hashes.model_sha256(path)[:8])
+                    for path in job.controls]
+            images, latents = FlowJob(model, req, (positive, negative), progress, cancel, extra, nets,
+                                      self.settings.home / "annotators").run()
         for warning in warnings:
             log.info("warning for the user: %s", warning)
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
@@ -114,7 +123,10 @@ def check_supported(req: GenerationRequest, family: str, limits: Limits) -> tupl
     prompt and negative prompt (A1111 syntax kept: weights are read when encoding)."""
     not_here = f"is not available for {family} models"
     unsupported = [
-        ("controlnets", bool(req.controlnets), f"ControlNet {not_here} yet: remove the units"),
+        ("controlnets", any(getattr(u, "guess_mode", False) for u in req.controlnets),
+         "guess mode (ControlNet is more important) is for Stable Diffusion's ControlNets"),
+        ("controlnets", any(getattr(u, "preprocessor", "") == "inpaint" for u in req.controlnets),
+         f"the inpaint ControlNet preprocessor is for Stable Diffusion; {family} inpaints by blending"),
         ("ip_adapters", bool(req.ip_adapters), f"IP-Adapter {not_here}: remove the units"),
         ("guidance", req.guidance != "cfg", f"guidance rules other than cfg are for Stable Diffusion UNets; {family} "
                                             "models take 'cfg'"),

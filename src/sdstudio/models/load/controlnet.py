@@ -8,6 +8,7 @@ download is needed; the hint encoder's widths are read from the file.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,9 +32,21 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
+FLOW_CLASSES = {"FluxControlNetModel": "flux", "SD3ControlNetModel": "sd3"}  # engine/flow/control.py runs these
+
+
 def is_controlnet_folder(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and '"ControlNetModel"' in config.read_text(errors="replace")
+    return config.is_file() and any(f'"{name}"' in config.read_text(errors="replace")
+                                    for name in ("ControlNetModel", *FLOW_CLASSES))
+
+
+def controlnet_family(path: Path) -> str | None:
+    """'flux' or 'sd3' for a diffusers ControlNet folder of those families (None: Stable Diffusion's, or a file)."""
+    try:
+        return FLOW_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def available(folders: Sequence[Path]) -> list[Path]:
@@ -64,6 +77,9 @@ def find_controlnet(wanted: str, folders: Sequence[Path], names_only: bool = Fal
 
 def load_controlnet(path: Path, unet: UNet2DConditionModel) -> ControlNetModel:
     """On the CPU in float32; the caller places it."""
+    if path.is_dir() and (family := controlnet_family(path)):
+        raise RequestError(f"the ControlNet {path.name} is for {'Flux' if family == 'flux' else 'SD3'} models, not "
+                           "Stable Diffusion", "controlnets")
     if path.is_dir():
         return ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
     state = read_state_dict(path)
