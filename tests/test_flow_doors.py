@@ -29,7 +29,7 @@ def small(**fields) -> GenerationRequest:
     ({"schedule": "Karras"}, "schedule", "shifted sigmas"),
     ({"controlnets": (ControlUnit(model="x", guess_mode=True),)}, "controlnets", "guess mode"),
     ({"pag_scale": 3.0}, "pag_scale", "perturbed-attention"),
-    ({"enable_hr": True}, "enable_hr", "hires fix"),
+    ({"subseed_strength": 0.5}, "subseed_strength", "variation seeds"),
     ({"clip_skip": 2}, "clip_skip", "pooled output"),
     ({"prompt": "a [red:blue:0.5] circle"}, "prompt", "prompt editing"),
     ({"prompt": "a <lora:x:1> circle"}, "prompt", "unknown LoRA"),
@@ -137,3 +137,33 @@ def test_http_doors(flow_models, tmp_path):
         assert "Distilled CFG Scale: 3," in info["infotexts"][0] and "Sampler: Euler" in info["infotexts"][0]
         models = client.get("/sdapi/v1/sd-models").json()
         assert FLUX in [m["model_name"] for m in models]
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_runs_both_passes(flow_engine, upscaler):
+    events = []
+    req = small(steps=3, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=4, strength=0.5,
+                batch_size=2, model="tiny-sd3", cfg_scale=3.0)
+    result = flow_engine.generate(req, progress=events.append)
+    assert [im.image.size for im in result.images] == [(128, 128)] * 2
+    assert result.latents.shape == (2, 16, 16, 16)
+    assert [e.step for e in events][-1] == 3 + 2 and events[-1].steps == 5  # 4 hires steps at strength 0.5: 2
+    info = result.images[0].infotext
+    assert "Hires upscale: 2" in info and f"Hires upscaler: {upscaler}" in info and "Denoising strength: 0.5" in info
+    first = flow_engine.generate(small(steps=3, batch_size=2, model="tiny-sd3", cfg_scale=3.0))
+    assert first.images[0].seed == result.images[0].seed  # the same seeds in both passes
+
+
+def test_hires_with_another_sampler_is_refused_or_falls_back(flow_engine):
+    with pytest.raises(RequestError, match="hr_sampler_name"):
+        flow_engine.prepare(small(enable_hr=True, hr_sampler_name="DPM++ 2M SDE"))
+    result = flow_engine.generate(small(enable_hr=True, hr_sampler_name="DPM++ 2M SDE", sampler_fallback=True,
+                                        hr_scale=1.5, steps=1, width=64, height=64))
+    assert result.images[0].image.size == (96, 96) and any("hires pass" in w for w in result.warnings)
+
+
+def test_capture_keeps_the_denoising_process(flow_engine):
+    result = flow_engine.generate(small(steps=4, capture_every=2, batch_size=2))
+    capture = result.images[1].capture
+    assert capture.steps == [2, 4] and len(capture.decoded) == 2 and capture.decoded[0].size == (64, 64)
+    assert capture.denoised[-1].tobytes() == result.images[1].image.tobytes()  # the last x0 is the image

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from sdstudio.engine.flow.latents import (
 from sdstudio.engine.flow.loop import FlowPlan, Velocity, denoise
 from sdstudio.engine.hooks import CancelToken, ProgressCallback, ProgressEvent, StepHook, StepState, StopEarly, chain
 from sdstudio.engine.record import environment, image_record
-from sdstudio.engine.requests import GeneratedImage, GenerationRequest
+from sdstudio.engine.requests import Capture, GeneratedImage, GenerationRequest
 from sdstudio.engine.sd.canvas import InpaintSource, inpaint_source
+from sdstudio.engine.sd.capture import FrameCapture
 from sdstudio.engine.sd.control import LoadedControl, infotext_units
 from sdstudio.engine.sd.inpaint import inpaint_inputs
 from sdstudio.engine.sd.preview import LatentRGB, fit_latent_rgb
@@ -60,8 +62,10 @@ class FlowJob:
     def __init__(self, model: FlowModel, req: GenerationRequest, prompts: tuple[WeightedText, WeightedText],
                  progress: ProgressCallback | None, cancel: CancelToken | None,
                  extra_params: dict[str, Any] | None = None, nets: Sequence[LoadedControl] = (),
-                 annotators: Path | None = None):
+                 annotators: Path | None = None, recorded: GenerationRequest | None = None):
+        """recorded: the request the images' record and infotext state (a hires fix's whole request), else `req`."""
         self.model, self.req, self.prompts, self.extra_params = model, req, prompts, extra_params or {}
+        self.recorded = recorded or req
         self.nets, self.annotators = tuple(nets), annotators
         self.controls: list[FlowControl] = []
         self.progress, self.cancel = progress, cancel
@@ -76,18 +80,22 @@ class FlowJob:
         return self.req.cfg_scale > 1.0
 
     def run(self) -> tuple[list[GeneratedImage], Tensor]:
-        inputs = self.inputs()
+        inputs, cond, uncond = self.prepare()
+        return run_batches(self.req, self.cancel, lambda i, seeds: self.batch(i, seeds, inputs, cond, uncond),
+                           self.describe)
+
+    def prepare(self) -> tuple[FlowInputs, FlowConditioning, FlowConditioning | None]:
+        """What every batch starts from, and the prompts' conditioning (the negative only when guided)."""
         positive, negative = self.prompts
         cond = encode(self.model, positive, self.req.clip_skip)
         uncond = encode(self.model, negative, self.req.clip_skip) if self.guided else None
-        return run_batches(self.req, self.cancel, lambda i, seeds: self.batch(i, seeds, inputs, cond, uncond),
-                           self.describe)
+        return self.inputs(), cond, uncond
 
     def inputs(self) -> FlowInputs:
         req, model = self.req, self.model
         self.controls = [prepare_control(model, unit, net.model, req.width, req.height, req.init_image, req.mask,
                                          self.annotators) for unit, net in zip(req.controlnets, self.nets, strict=True)]
-        if req.mode == "txt2img":
+        if req.mode == "txt2img" or req.init_latents is not None:  # a hires pass gets its latents per batch
             return FlowInputs()
         if req.mode == "img2img":
             return FlowInputs(encode_image(model, req.init_image, req.width, req.height))
@@ -100,6 +108,15 @@ class FlowJob:
 
     def batch(self, iteration: int, seeds: list[int], inputs: FlowInputs, cond: FlowConditioning,
               uncond: FlowConditioning | None) -> DecodedBatch:
+        latents, captures = self.denoised(iteration, seeds, inputs, cond, uncond)
+        pictures = to_pil(decode(self.model.vae, latents, self.check), self.model.factor)
+        if inputs.source is not None:
+            pictures = [inputs.source.canvas.finish(p) for p in pictures]
+        return DecodedBatch(latents, pictures, captures, json.loads(self.scheduler.to_json_string()))
+
+    def denoised(self, iteration: int, seeds: list[int], inputs: FlowInputs, cond: FlowConditioning,
+                 uncond: FlowConditioning | None) -> tuple[Tensor, list[Capture]]:
+        """The batch's final latents (B, 16, h, w) on the CPU, and its captures when the request asks."""
         model, req, n = self.model, self.req, len(seeds)
         noise = initial_noise(make_generators(seeds), (16, self.h, self.w), torch.device("cpu"), torch.float32)
         x, sig = noise, self.sigmas
@@ -113,18 +130,19 @@ class FlowJob:
         device = device_of(model.transformer)
         plan = FlowPlan(x.to(device), sig, cond.repeat(n), uncond.repeat(n) if uncond is not None else None,
                         float(req.cfg_scale), blend)
+        capture = FrameCapture(req.capture_every, self.unpacked) if req.capture_every else None
         try:
-            hooks = [self.cancel.hook if self.cancel else None, self.progress_hook(iteration)]
+            hooks = [self.cancel.hook if self.cancel else None, capture, self.progress_hook(iteration)]
             latents = denoise(self.velocity(n), plan, chain(hooks))
         except StopEarly as stop:  # interrupt/skip: this batch ends as the model's current estimate
             latents = stop.latents
-        latents = latents.float().cpu()
-        if model.family == "flux":
-            latents = unpack(latents, self.h, self.w)
-        pictures = to_pil(decode(model.vae, latents, self.check), model.factor)
-        if inputs.source is not None:
-            pictures = [inputs.source.canvas.finish(p) for p in pictures]
-        return DecodedBatch(latents, pictures, scheduler_config=json.loads(self.scheduler.to_json_string()))
+        latents = self.unpacked(latents.float().cpu())
+        decoder = partial(decode, model.vae)
+        return latents, capture.render(None, model.factor, decoder) if capture else []
+
+    def unpacked(self, latents: Tensor) -> Tensor:
+        """(B, 16, h, w) latents from the loop's (Flux: packed tokens)."""
+        return unpack(latents, self.h, self.w) if self.model.family == "flux" else latents
 
     def blend_fn(self, z0: Tensor, noise: Tensor, mask: Tensor) -> Callable[[Tensor, int], Tensor]:
         """After step i: the kept region is z0 at the next sigma, (1 - s) z0 + s noise (the last: z0 itself)."""
@@ -175,11 +193,11 @@ class FlowJob:
     def progress_hook(self, iteration: int) -> StepHook | None:
         if self.progress is None:
             return None
-        callback, n_iter, flux = self.progress, self.req.n_iter, self.model.family == "flux"
+        callback, n_iter = self.progress, self.req.n_iter
 
         def hook(state: StepState) -> None:
             def preview() -> Any:
-                z = unpack(state.latents[:1].float().cpu(), self.h, self.w) if flux else state.latents[:1]
+                z = self.unpacked(state.latents[:1].float().cpu())
                 return self.latent_rgb()(z[0])
             callback(ProgressEvent(iteration, n_iter, state.step + 1, state.total, preview))
 
@@ -191,7 +209,7 @@ class FlowJob:
         return self.model.memo["latent_rgb"]
 
     def describe(self, batch: DecodedBatch, k: int, index: int, seed: int) -> GeneratedImage:
-        req, model, picture = self.req, self.model, batch.pictures[k]
+        req, model, picture = self.recorded, self.model, batch.pictures[k]
         extra = {"Distilled CFG Scale": req.distilled_cfg_scale if model.guidance_embeds else None,
                  "Shift": req.shift or None, **self.extra_params,
                  **controlnet_params(infotext_units(req.controlnets, self.nets))}
@@ -204,7 +222,7 @@ class FlowJob:
         params = a1111.generation_params(record["request"], seed, model.short_hash, __version__, extra)
         text = a1111.format_infotext(req.prompt, req.negative_prompt, params)
         picture.info["parameters"] = text
-        return GeneratedImage(picture, index, seed, text, record)
+        return GeneratedImage(picture, index, seed, text, record, batch.captures[k] if batch.captures else None)
 
 
 def model_record(model: FlowModel) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import time
 from sdstudio.a1111.extras import addon_params
 from sdstudio.engine.flow.control import FlowControlNets
 from sdstudio.engine.flow.encode import T5_TOKENS, WeightedText, t5_token_count
+from sdstudio.engine.flow.hires import FlowHires
 from sdstudio.engine.flow.job import FlowJob
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.prepared import PreparedJob
@@ -21,6 +22,7 @@ from sdstudio.engine.requests import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, Generati
 from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
+from sdstudio.engine.sd.hires import check_hires, check_hires_upscaler, resolve_hires
 from sdstudio.engine.validate import check_fields
 from sdstudio.errors import RequestError
 from sdstudio.models.addons.flow_lora import read_flow_lora
@@ -61,6 +63,8 @@ class FlowRunner:
         if isinstance(prompt, str):  # <lora:name:weight> tags: the files must exist; the encoders never see them
             prompt, _ = self.addons.find_loras(prompt)
         prompts = check_supported(request.replace(prompt=prompt), FAMILY_NAMES[family], self.settings.limits)
+        if request.hires is not None and request.hires.prompt:
+            self.check_hires_prompt(request, FAMILY_NAMES[family])
         controls = tuple(find_controlnet(unit.model, self.folders.controlnet, self.settings.names_only)
                          for unit in request.controlnets)
         return PreparedJob(request, self.name, ref, controls=controls, plain_prompts=prompts, notes=tuple(notes))
@@ -78,15 +82,34 @@ class FlowRunner:
         with loras_applied(model.transformer, [te.encoder for te in model.clip], loras) as report:
             warnings += [f"LoRA matches only part of this model: {f.summary()}" for f in report.files
                          if not f.skipped and f.partial]
-            extra = addon_params(((f.name, f.short_hash) for f, w in loras if w), ())
             nets = [LoadedControl(self.controlnets.get(path, model), path.name, self.hashes.model_sha256(path)[:8])
                     for path in job.controls]
-            images, latents = FlowJob(model, req, (positive, negative), progress, cancel, extra, nets,
-                                      self.settings.home / "annotators").run()
+            job_args = {"extra_params": addon_params(((f.name, f.short_hash) for f, w in loras if w), ()),
+                        "nets": nets, "annotators": self.settings.home / "annotators"}
+            if req.hires is None:
+                run = FlowJob(model, req, (positive, negative), progress, cancel, **job_args)
+            else:
+                run = FlowHires(model, req, (positive, negative), self.hires_prompts(req), progress, cancel,
+                                **job_args)
+            images, latents = run.run()
         for warning in warnings:
             log.info("warning for the user: %s", warning)
         return GenerationResult(req, images, latents, time.perf_counter() - start, tuple(warnings))
 
+    def hires_prompts(self, req: GenerationRequest) -> tuple[WeightedText, WeightedText]:
+        """The second pass's prompts (the first pass's when not given); its LoRA tags were checked in prepare."""
+        prompt, _ = self.addons.find_loras(req.hires.prompt or req.prompt)
+        return weighted(prompt, req.prompt_syntax), weighted(req.hires.negative_prompt or req.negative_prompt,
+                                                             req.prompt_syntax)
+
+    def check_hires_prompt(self, req: GenerationRequest, family: str) -> None:
+        """hr_prompt: readable by the flow encoders, naming the same LoRAs as the prompt (they apply to both)."""
+        hr_text, hr_loras = self.addons.find_loras(req.hires.prompt)
+        if hr_loras != self.addons.find_loras(req.prompt)[1]:
+            raise RequestError("hr_prompt must name the same LoRAs, with the same weights, as the prompt: one set of "
+                               "<lora:...> tags applies to both passes", "hr_prompt")
+        _checked(hr_text, "hr_prompt", req.prompt_syntax, family, False)
+        _checked(req.hires.negative_prompt, "hr_negative_prompt", req.prompt_syntax, family, True)
 
     def loras(self, prompt: str, model: FlowModel) -> list[tuple[LoraFile, float]]:
         """The LoRA files the prompt names, read for the model's family (cached by file and mtime)."""
@@ -115,6 +138,16 @@ def sampler_for(req: GenerationRequest, family: str) -> tuple[GenerationRequest,
         notes.append(f"{family} models step through their own shifted sigmas: schedule {req.schedule!r} was "
                      f"replaced by {DEFAULT_SCHEDULE}")
         req = req.replace(schedule=DEFAULT_SCHEDULE)
+    if req.hires is not None and (req.hires.sampler not in ("", FLOW_SAMPLER, DEFAULT_SAMPLER) or
+                                  req.hires.schedule not in ("", *FLOW_SCHEDULES)):
+        if not req.sampler_fallback:
+            raise RequestError(f"hr_sampler_name: {family} models sample with Euler on their own schedule in both "
+                               f"passes; leave hr_sampler_name and hr_scheduler empty, got "
+                               f"{req.hires.sampler!r} / {req.hires.schedule!r}", "hr_sampler_name")
+        notes.append(f"the hires pass of {family} models samples with Euler on its own schedule: "
+                     f"{req.hires.sampler!r} / {req.hires.schedule!r} were not used")
+    if req.hires is not None:
+        req = req.replace(hr_sampler_name="", hr_scheduler="")
     return req.replace(sampler=FLOW_SAMPLER), notes
 
 
@@ -141,9 +174,6 @@ def check_supported(req: GenerationRequest, family: str, limits: Limits) -> tupl
                                                           "to 0"),
         ("seed_resize_from_w", (req.variation.resize_from_w, req.variation.resize_from_h) != (0, 0),
          f"seed resize {not_here}; set seed_resize_from_w and _h to 0"),
-        ("capture_every", req.capture_every != 0, f"frame capture {not_here} yet; set capture_every to 0"),
-        ("enable_hr", req.enable_hr is not False, f"hires fix {not_here} yet: generate, then img2img the "
-                                                  "upscaled picture"),
         ("denoising_end", req.denoising_end is not None, f"the latent handoff {not_here}"),
         ("denoising_start", req.denoising_start is not None, f"the latent handoff {not_here}"),
         ("vae", req.vae not in (None, "auto", "none"), f"{family} models decode with their own 16-channel VAE; "
@@ -168,6 +198,9 @@ def check_supported(req: GenerationRequest, family: str, limits: Limits) -> tupl
     texts = (_checked(req.prompt, "prompt", req.prompt_syntax, family, False),
              _checked(req.negative_prompt, "negative_prompt", req.prompt_syntax, family, True))
     check_fields(req.replace(sampler=DEFAULT_SAMPLER, schedule=DEFAULT_SCHEDULE, prompt_syntax="plain"), limits)
+    if req.hires is not None:
+        check_hires(req, limits)
+        check_hires_upscaler(req.hires.upscaler)
     return texts
 
 
@@ -223,7 +256,8 @@ def resolve_request(req: GenerationRequest, model: FlowModel, limits: Limits) ->
                         "time per step; its guidance is distilled_cfg_scale (Forge's Distilled CFG Scale), with CFG "
                         "scale 1")
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
-    return req.replace(width=width, height=height, seed=seed, model=model.name), warnings
+    resolved = req.replace(width=width, height=height, seed=seed, model=model.name)
+    return resolve_hires(resolved, req, grid, limits), warnings
 
 
 def prompt_warnings(model: FlowModel, texts: tuple[WeightedText, WeightedText]) -> list[str]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
 from torch import Tensor
 
 from sdstudio.engine.hooks import StepState
@@ -14,10 +14,11 @@ from sdstudio.engine.sd.stages import decode_latents, to_pil
 
 
 class FrameCapture:
-    """Keeps (B, C, h, w) CPU copies of x_t and of the predicted x0 at every `every`-th step and the last."""
+    """Keeps (B, C, h, w) CPU copies of x_t and of the predicted x0 at every `every`-th step and the last.
+    view: the loop's latents as (B, C, h, w) (Flux's loop runs on packed tokens)."""
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, view: Callable[[Tensor], Tensor] | None = None):
+        self.every, self.view = every, view or (lambda z: z)
         self.steps: list[int] = []
         self.latents: list[Tensor] = []
         self.x0: list[Tensor] = []
@@ -26,16 +27,18 @@ class FrameCapture:
         done = state.step + 1
         if done % self.every == 0 or state.is_last:
             self.steps.append(done)
-            self.latents.append(state.latents.detach().float().cpu())
-            self.x0.append(state.predict_x0().detach().float().cpu())
+            self.latents.append(self.view(state.latents.detach().float().cpu()))
+            self.x0.append(self.view(state.predict_x0().detach().float().cpu()))
 
-    def render(self, vae: Any, factor: int) -> list[Capture]:
-        """Decode what was kept: one Capture per image of the batch."""
+    def render(self, vae: Any, factor: int, decode: Callable[[Tensor], Tensor] | None = None) -> list[Capture]:
+        """Decode what was kept: one Capture per image of the batch. decode: latents (B, C, h, w) -> pictures
+        (B, 3, H, W) in [-1, 1] (default: the SD VAE's, decode_latents)."""
         if not self.steps:
             return []
         batch = self.latents[0].shape[0]
-        decoded = [_decode(vae, z, factor) for z in self.latents]   # [step][image]
-        denoised = [_decode(vae, z, factor) for z in self.x0]
+        decode = decode or (lambda z: decode_latents(vae, z))
+        decoded = [to_pil(decode(z), factor) for z in self.latents]   # [step][image]
+        denoised = [to_pil(decode(z), factor) for z in self.x0]
         return [
             Capture(
                 steps=list(self.steps),
@@ -46,6 +49,3 @@ class FrameCapture:
             for b in range(batch)
         ]
 
-
-def _decode(vae: Any, latents: Tensor, factor: int) -> list[Image.Image]:
-    return to_pil(decode_latents(vae, latents), factor)
