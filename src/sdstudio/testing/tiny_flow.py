@@ -24,7 +24,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from sdstudio.models.load.configs import CONFIGS, load_tokenizer
-from sdstudio.models.load.flow import t5_tokenizer
+from sdstudio.models.load.flow_text import t5_tokenizer
 from sdstudio.testing.tiny import byte_level_tokenizer, tiny_clip_config
 
 # Widths keep the published head sizes (CLIP and T5: 64, SD3's MMDiT: 64, Flux: 128) and GroupNorm's 32 groups, so

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdstudio.models.load.flow import FlowModel, TextEncoder
+from sdstudio.models.load.flow import FlowModel
+from sdstudio.models.load.flow_text import TextEncoder
 from sdstudio.models.load.memory import device_of
 
 CLIP_TOKENS = 77

@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from sdstudio.errors import ModelError
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash, weight_files
-from sdstudio.models.load.checkpoint_io import read_metadata
+from sdstudio.models.load.checkpoint_io import header_shapes, read_metadata
 from sdstudio.models.load.families import FAMILY_INFO, detect_family, sidecar_says_v
 from sdstudio.models.load.flow import flow_family, listing_family
 from sdstudio.models.load.kandinsky import is_kandinsky_folder, kandinsky_family
@@ -34,20 +32,6 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "hash": self.hash, "size": self.size,
                 "path": str(self.path), "source": self.source}
-
-
-@dataclass(frozen=True)
-class _Shape:
-    shape: tuple[int, ...]
-
-
-def header_shapes(path: Path) -> dict[str, _Shape]:
-    """Key -> shape of a safetensors file, read from its header without loading any tensor."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path.name} is not a readable safetensors file: {e}") from None
 
 
 def family_of(ref: ModelRef) -> str:

@@ -19,6 +19,7 @@ import logging
 import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,5 +128,19 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path.name} is not a readable safetensors file: {e}") from None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+
+def header_shapes(path: Path) -> dict[str, _Shape]:
+    """Key -> shape of a safetensors file, read from its header without loading any tensor."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path.name} is not a readable safetensors file: {e}") from None

@@ -14,11 +14,9 @@ own vocabulary, else from the package: the CLIP BPE (configs.load_tokenizer) and
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,14 @@ import torch
 from sdstudio.errors import ModelError
 from sdstudio.models.find.catalog import ModelFolders, ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash
-from sdstudio.models.load.configs import ASSETS, load_tokenizer
+from sdstudio.models.load.configs import load_tokenizer
+from sdstudio.models.load.flow_files import file_family, file_variant, load_flow_file
+from sdstudio.models.load.flow_text import TextEncoder, t5_tokenizer
 from sdstudio.models.load.kandinsky import pipeline_class
 from sdstudio.models.load.memory import place, realign
 
 log = logging.getLogger(__name__)
 
-T5_TOKENIZER = ASSETS / "t5-tokenizer" / "tokenizer.json.gz"
 PIPELINES = {  # model_index.json `_class_name` -> family
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
@@ -45,8 +44,6 @@ LISTING_FAMILIES = ("sd3", "sd3.5-medium", "sd3.5-large", "flux-dev", "flux-schn
 
 def flow_family(path: Path) -> str | None:
     """'sd3' or 'flux' for a diffusers folder or a single .safetensors file of those families, else None."""
-    from sdstudio.models.load.flow_files import file_family
-
     path = Path(path)
     return PIPELINES.get(pipeline_class(path) or "") if path.is_dir() else file_family(path)
 
@@ -54,8 +51,6 @@ def flow_family(path: Path) -> str | None:
 def listing_family(path: Path) -> str:
     """sd3 | flux-dev | flux-schnell from a folder's configs (Flux-dev's transformer embeds guidance); a single
     file's variant (sd3, sd3.5-medium, sd3.5-large, flux-dev, flux-schnell) from its keys."""
-    from sdstudio.models.load.flow_files import file_variant
-
     if Path(path).is_file():
         return file_variant(Path(path))
     family = flow_family(path)
@@ -66,12 +61,6 @@ def listing_family(path: Path) -> str:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read {Path(path).name}'s transformer config: {e}") from None
     return "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    tokenizer: Any             # CLIPTokenizer or T5TokenizerFast
-    encoder: torch.nn.Module   # CLIPTextModel(WithProjection) or T5EncoderModel
 
 
 @dataclass(eq=False)
@@ -122,24 +111,6 @@ class FlowModel:
         return 1024
 
 
-@cache
-def _t5_json() -> str:
-    if not T5_TOKENIZER.is_file():
-        raise ModelError(f"the shipped T5 vocabulary is missing ({T5_TOKENIZER.name}); reinstall sdstudio")
-    return gzip.decompress(T5_TOKENIZER.read_bytes()).decode("utf-8")
-
-
-def t5_tokenizer(folder: Path | None = None) -> Any:
-    """The folder's own T5 tokenizer when it has tokenizer.json, else T5-v1.1's shipped vocabulary."""
-    from tokenizers import Tokenizer
-    from transformers import T5TokenizerFast
-
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        return T5TokenizerFast.from_pretrained(folder, local_files_only=True)
-    return T5TokenizerFast(tokenizer_object=Tokenizer.from_str(_t5_json()), eos_token="</s>", unk_token="<unk>",
-                           pad_token="<pad>", extra_ids=0, model_max_length=512)
-
-
 def _component(folder: Path, name: str, cls: Any, dtype: torch.dtype) -> Any:
     if not (folder / name).is_dir():
         raise ModelError(f"{folder.name} has no {name}/ folder: the model is incomplete")
@@ -184,8 +155,6 @@ def load_flow_folder(ref: ModelRef, dtype: torch.dtype) -> tuple[str, dict[str, 
 def load_flow(ref: ModelRef, device: torch.device, dtype: torch.dtype, offload: str, hashes: HashCache,
               folders: ModelFolders) -> FlowModel:
     if ref.kind == "file":
-        from sdstudio.models.load.flow_files import load_flow_file
-
         family, parts = load_flow_file(ref.path, dtype, folders.text_encoders, folders.vae)
     else:
         family, parts = load_flow_folder(ref, dtype)

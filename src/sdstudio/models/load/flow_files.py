@@ -27,7 +27,7 @@ from accelerate import init_empty_weights
 from torch import Tensor
 
 from sdstudio.errors import ModelError
-from sdstudio.models.load.checkpoint_io import open_state_dict
+from sdstudio.models.load.checkpoint_io import header_shapes, open_state_dict
 from sdstudio.models.load.configs import CONFIGS, load_tokenizer
 from sdstudio.models.load.flow_keys import (
     PACKED,
@@ -44,6 +44,7 @@ from sdstudio.models.load.flow_keys import (
     vae_config,
     variant,
 )
+from sdstudio.models.load.flow_text import TextEncoder, t5_tokenizer
 from sdstudio.models.load.memory import realign
 from sdstudio.models.load.parts import build_module
 
@@ -54,8 +55,6 @@ PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8")  # companion files: the first 
 
 def header(path: Path) -> Mapping[str, Any]:
     """Key -> tensor-like with .shape, without reading the tensors (safetensors only)."""
-    from sdstudio.models.find.inventory import header_shapes
-
     return header_shapes(path)
 
 
@@ -237,8 +236,6 @@ def load_t5(path: Path, prefix: str, folder: str, name: str, dtype: torch.dtype)
 def load_flow_file(path: Path, dtype: torch.dtype, text_folders: Sequence[Path],
                    vae_folders: Sequence[Path]) -> tuple[str, dict[str, Any]]:
     """The family and components of a single file plus its companions, on the CPU in `dtype`."""
-    from sdstudio.models.load.flow import TextEncoder, t5_tokenizer
-
     shapes = header(path)
     family = transformer_family(shapes)
     if family is None:

@@ -29,9 +29,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef, unknown_message
 from sdstudio.models.find.hashing import HashCache
-from sdstudio.models.find.inventory import header_shapes
 from sdstudio.models.find.names import check_inside, leaf
-from sdstudio.models.load.checkpoint_io import read_pickle, read_state_dict
+from sdstudio.models.load.checkpoint_io import header_shapes, read_pickle, read_state_dict
 
 SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 ADAPTER_NAME = re.compile(r"ip[-_ ]?adapter", re.IGNORECASE)  # in folders shared with ControlNets
