@@ -181,6 +181,21 @@ def _resolve_size(req: GenerationRequest, geometry: ModelGeometry) -> tuple[int,
     return req.width or geometry.native_size, req.height or geometry.native_size
 
 
+def default_size(req: GenerationRequest, grid: int, native: int, limits: Limits) -> tuple[int, int]:
+    """width x height as given, else the init image's size rounded down to `grid`, else `native`; each side a whole
+    number within the limits (families with their own runner: Kandinsky, SD3, Flux)."""
+    width, height = req.width, req.height
+    if req.init_image is not None:
+        w, h = req.init_image.size
+        width, height = width or max(grid, w // grid * grid), height or max(grid, h // grid * grid)
+    width, height = width or native, height or native
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or not limits.min_side <= value <= limits.max_side:
+            raise RequestError(f"{name} must be a whole number between {limits.min_side} and {limits.max_side}, "
+                               f"got {value!r}", name)
+    return width, height
+
+
 def check_choice(value: object, choices: Iterable[str], name: str) -> None:
     if value not in choices:
         raise RequestError(f"{name.rpartition('.')[2]} must be one of {', '.join(choices)}, got {value!r}", name)

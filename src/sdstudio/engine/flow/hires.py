@@ -18,13 +18,13 @@ from torch import Tensor
 from sdstudio.engine.batches import DecodedBatch, run_batches
 from sdstudio.engine.flow.encode import WeightedText
 from sdstudio.engine.flow.job import FlowInputs, FlowJob
-from sdstudio.engine.flow.latents import decode, encode_image
+from sdstudio.engine.flow.latents import encode_image
 from sdstudio.engine.hooks import CancelToken, ProgressCallback
 from sdstudio.engine.pipelines.upscale import latent_mode, upscale_image, upscale_latents
 from sdstudio.engine.requests import Capture, GeneratedImage, GenerationRequest
 from sdstudio.engine.sd.hires import hires_size
 from sdstudio.engine.sd.hires_job import join_captures, shifted
-from sdstudio.engine.sd.stages import to_pil
+from sdstudio.engine.sd.stages import decode_latents, to_pil
 from sdstudio.models.load.flow import FlowModel
 
 
@@ -77,7 +77,7 @@ class FlowHires:
         if mode is not None:
             big = upscale_latents(latents, (height // f, width // f), mode.name)
         else:
-            pictures = to_pil(decode(model.vae, latents), f)
+            pictures = to_pil(decode_latents(model.vae, latents), f)
             big = torch.cat([encode_image(model, upscale_image(p, (width, height), self.req.hires.upscaler), width,
                                           height) for p in pictures])
         left, top, right, bottom = self.size.crop_box(f)

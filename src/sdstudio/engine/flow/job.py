@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ from sdstudio.engine.flow.control import FlowControl, flux_residuals, sd3_residu
 from sdstudio.engine.flow.control import prepare as prepare_control
 from sdstudio.engine.flow.encode import FlowConditioning, WeightedText, encode
 from sdstudio.engine.flow.latents import (
-    decode,
     encode_image,
-    encode_pixels,
     image_ids,
     pack,
     scheduler_for,
@@ -43,7 +40,7 @@ from sdstudio.engine.sd.capture import FrameCapture
 from sdstudio.engine.sd.control import LoadedControl, infotext_units
 from sdstudio.engine.sd.inpaint import inpaint_inputs
 from sdstudio.engine.sd.preview import LatentRGB, fit_latent_rgb
-from sdstudio.engine.sd.stages import initial_noise, make_generators, to_pil
+from sdstudio.engine.sd.stages import decode_latents, initial_noise, make_generators, to_pil
 from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel
 from sdstudio.models.load.memory import device_of
 
@@ -102,14 +99,13 @@ class FlowJob:
         source = inpaint_source(req.init_image, req.mask, req.width, req.height, blur=req.mask_blur,
                                 invert=req.invert_mask, only_masked=req.only_masked,
                                 padding=req.only_masked_padding, keep_unmasked=req.keep_unmasked, soft=False)
-        inputs = inpaint_inputs(model.vae, source.image, source.mask, req.width, req.height, model.factor, False,
-                                encode=encode_pixels)
+        inputs = inpaint_inputs(model.vae, source.image, source.mask, req.width, req.height, model.factor, False)
         return FlowInputs(inputs.image_latents.float(), inputs.mask.float(), source)
 
     def batch(self, iteration: int, seeds: list[int], inputs: FlowInputs, cond: FlowConditioning,
               uncond: FlowConditioning | None) -> DecodedBatch:
         latents, captures = self.denoised(iteration, seeds, inputs, cond, uncond)
-        pictures = to_pil(decode(self.model.vae, latents, self.check), self.model.factor)
+        pictures = to_pil(decode_latents(self.model.vae, latents, self.check), self.model.factor)
         if inputs.source is not None:
             pictures = [inputs.source.canvas.finish(p) for p in pictures]
         return DecodedBatch(latents, pictures, captures, json.loads(self.scheduler.to_json_string()))
@@ -137,8 +133,7 @@ class FlowJob:
         except StopEarly as stop:  # interrupt/skip: this batch ends as the model's current estimate
             latents = stop.latents
         latents = self.unpacked(latents.float().cpu())
-        decoder = partial(decode, model.vae)
-        return latents, capture.render(None, model.factor, decoder) if capture else []
+        return latents, capture.render(model.vae, model.factor) if capture else []
 
     def unpacked(self, latents: Tensor) -> Tensor:
         """(B, 16, h, w) latents from the loop's (Flux: packed tokens)."""

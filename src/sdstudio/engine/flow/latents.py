@@ -15,9 +15,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
-from sdstudio.engine.sd.stages import image_processor
+from sdstudio.engine.sd.stages import encode_image as sd_encode_image
 from sdstudio.models.load.flow import FlowModel
-from sdstudio.models.load.memory import device_of
 
 
 def pack(z: Tensor) -> Tensor:
@@ -73,27 +72,7 @@ def sigmas(model: FlowModel, scheduler: FlowMatchEulerDiscreteScheduler, steps: 
     return out[start:]
 
 
-@torch.inference_mode()
 def encode_image(model: FlowModel, image: Image.Image, width: int, height: int) -> Tensor:
-    """(1, 16, h, w) z0 of an RGB image resized to width x height: the posterior mean, shifted and scaled."""
-    pixels = image_processor(model.factor).preprocess(image.convert("RGB"), height=height, width=width)
-    return encode_pixels(model.vae, pixels)
-
-
-@torch.inference_mode()
-def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
-    """(B, 16, h, w) from images (B, 3, H, W) in [-1, 1]."""
-    mean = vae.encode(pixels.to(device_of(vae), vae.dtype)).latent_dist.mode()
-    return ((mean - vae.config.shift_factor) * vae.config.scaling_factor).float()
-
-
-@torch.inference_mode()
-def decode(vae: Any, z: Tensor, between: Any = None) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] from latents (B, 16, h, w), one image at a time."""
-    z = z.to(device_of(vae), vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    out = []
-    for i in range(z.shape[0]):
-        if between is not None:
-            between()
-        out.append(vae.decode(z[i: i + 1], return_dict=False)[0])
-    return torch.cat(out)
+    """(1, 16, h, w) float32 z0 of an RGB image resized to width x height: the posterior mean, shifted and scaled
+    (engine/sd/stages.py applies the VAE's shift_factor)."""
+    return sd_encode_image(model.vae, image, width, height, model.factor).float()

@@ -23,7 +23,7 @@ from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
 from sdstudio.engine.sd.hires import check_hires, check_hires_upscaler, resolve_hires
-from sdstudio.engine.validate import check_fields
+from sdstudio.engine.validate import check_fields, default_size
 from sdstudio.errors import RequestError
 from sdstudio.models.addons.flow_lora import read_flow_lora
 from sdstudio.models.addons.lora import LoraFile, loras_applied
@@ -236,11 +236,7 @@ def weighted(text: str, syntax: str) -> WeightedText:
 def resolve_request(req: GenerationRequest, model: FlowModel, limits: Limits) -> tuple[GenerationRequest, list[str]]:
     """Size (multiples of the model's grid; default: its native size, or the init image's), seed, model name."""
     grid, warnings = model.grid, []
-    width, height = req.width, req.height
-    if req.init_image is not None:
-        w, h = req.init_image.size
-        width, height = width or max(grid, w // grid * grid), height or max(grid, h // grid * grid)
-    width, height = width or model.native_size, height or model.native_size
+    width, height = default_size(req, grid, model.native_size, limits)
     for name, value in (("width", width), ("height", height)):
         if value % grid:
             raise RequestError(f"{name} must be a multiple of {grid} for {FAMILY_NAMES[model.family]} models (8 "

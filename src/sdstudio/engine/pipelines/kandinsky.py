@@ -51,7 +51,7 @@ from sdstudio.engine.requests import (
 from sdstudio.engine.sd import canvas as masks
 from sdstudio.engine.sd.preview import LatentRGB, calibration_images
 from sdstudio.engine.sd.stages import make_generators, to_pil
-from sdstudio.engine.validate import check_fields
+from sdstudio.engine.validate import check_fields, default_size
 from sdstudio.errors import RequestError
 from sdstudio.models.find.catalog import ModelRef
 from sdstudio.models.find.hashing import HashCache, short_hash
@@ -234,15 +234,8 @@ def _size(req: GenerationRequest, model: KandinskyModel, limits: Limits) -> tupl
     `downscale_height_and_width`), so only those sizes come out as asked. img2img/inpaint default to the
     init image's size rounded down to that grid; txt2img to the model's native size."""
     grid = model.factor ** 2
-    width, height = req.width, req.height
-    if req.init_image is not None:
-        w, h = req.init_image.size
-        width, height = width or max(grid, w // grid * grid), height or max(grid, h // grid * grid)
-    width, height = width or model.native_size, height or model.native_size
+    width, height = default_size(req, grid, model.native_size, limits)
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or not limits.min_side <= value <= limits.max_side:
-            raise RequestError(f"{name} must be a whole number between {limits.min_side} and {limits.max_side}, "
-                               f"got {value!r}", name)
         if value % grid:
             raise RequestError(f"{name} must be a multiple of {grid} for Kandinsky 2.2 (its decoder works on "
                                f"{grid}-pixel blocks), got {value} (nearest: {value // grid * grid or grid})", name)

@@ -30,15 +30,13 @@ class FrameCapture:
             self.latents.append(self.view(state.latents.detach().float().cpu()))
             self.x0.append(self.view(state.predict_x0().detach().float().cpu()))
 
-    def render(self, vae: Any, factor: int, decode: Callable[[Tensor], Tensor] | None = None) -> list[Capture]:
-        """Decode what was kept: one Capture per image of the batch. decode: latents (B, C, h, w) -> pictures
-        (B, 3, H, W) in [-1, 1] (default: the SD VAE's, decode_latents)."""
+    def render(self, vae: Any, factor: int) -> list[Capture]:
+        """Decode what was kept: one Capture per image of the batch."""
         if not self.steps:
             return []
         batch = self.latents[0].shape[0]
-        decode = decode or (lambda z: decode_latents(vae, z))
-        decoded = [to_pil(decode(z), factor) for z in self.latents]   # [step][image]
-        denoised = [to_pil(decode(z), factor) for z in self.x0]
+        decoded = [to_pil(decode_latents(vae, z), factor) for z in self.latents]   # [step][image]
+        denoised = [to_pil(decode_latents(vae, z), factor) for z in self.x0]
         return [
             Capture(
                 steps=list(self.steps),

@@ -75,16 +75,15 @@ def masked_start(z0: Tensor, mask: Tensor, content: str, extra_noise: Tensor) ->
 
 @torch.inference_mode()
 def inpaint_inputs(vae: Any, image: Image.Image, mask: Image.Image, width: int, height: int, factor: int,
-                   nine_channel: bool, encode: Callable[[Any, Tensor], Tensor] = encode_pixels) -> InpaintInputs:
-    """The mask at latent size and the image's latents (`encode`: the family's pixels -> latents)."""
+                   nine_channel: bool) -> InpaintInputs:
     pixels = image_processor(factor).preprocess(image.convert("RGB"), height=height, width=width)  # (1, 3, H, W)
     grey = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]    # (1, 1, H, W)
     binary = (grey >= 0.5).float()
-    z0 = encode(vae, pixels)
+    z0 = encode_pixels(vae, pixels)
     latent_mask = F.interpolate(binary, size=z0.shape[-2:])                           # nearest, as diffusers
     condition = None
     if nine_channel:
-        masked = encode(vae, pixels * (binary < 0.5))
+        masked = encode_pixels(vae, pixels * (binary < 0.5))
         condition = torch.cat([latent_mask.to(masked), masked], dim=1)
     return InpaintInputs(latent_mask, z0, condition, F.adaptive_avg_pool2d(grey, z0.shape[-2:]))
 

@@ -102,7 +102,8 @@ def encode_pixels(vae: Any, pixels: Tensor) -> Tensor:
     encoded = vae.encode(pixels)
     # AutoencoderKL: a posterior; AutoencoderTiny (TAESD): the latents themselves
     mean = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-    return mean * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)  # SD3's and Flux's VAEs: z = (mean - shift) * scale
+    return (mean - shift if shift else mean) * vae.config.scaling_factor
 
 
 @torch.inference_mode()
@@ -110,6 +111,9 @@ def decode_latents(vae: Any, latents: Tensor, between: Callable[[], None] | None
     """(B, 3, H, W) images in [-1, 1] from scaled latents (B, C, h, w), one image at a time; `between` runs
     before each (a cancel check: a large batch's decode stops within one image's time)."""
     z = latents.to(device=device_of(vae), dtype=vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # SD3's and Flux's VAEs
+        z = z + shift
     out = []
     for i in range(z.shape[0]):
         if between is not None:
