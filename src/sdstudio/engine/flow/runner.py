@@ -117,7 +117,8 @@ class FlowRunner:
         if found and model.offload == "sequential":
             raise RequestError("LoRAs change weights, which sequential offload streams from the CPU; use --offload "
                                "model or none with them", "prompt")
-        return [(self.addons.cached(path, lambda p: read_flow_lora(p, model.family)), weight)
+        depth = int(model.transformer.config.get("num_layers", 0))
+        return [(self.addons.cached(path, lambda p: read_flow_lora(p, model.family, depth)), weight)
                 for path, weight in found]
 
 
