@@ -65,5 +65,9 @@ def describe(ref: ModelRef, hashes: HashCache | None) -> ModelInfo:
     return ModelInfo(ref.name, family_of(ref), digest, size_of(ref.path), ref.path, ref.source)
 
 
+FLOW_LABELS = {"sd3": "SD3", "sd3.5-medium": "SD3.5 medium", "sd3.5-large": "SD3.5 large", "flux-dev": "Flux.1 dev",
+               "flux-schnell": "Flux.1 schnell"}
+
+
 def family_label(family: str) -> str:
-    return FAMILY_INFO[family].label if family in FAMILY_INFO else family
+    return FAMILY_INFO[family].label if family in FAMILY_INFO else FLOW_LABELS.get(family, family)
