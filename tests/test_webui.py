@@ -578,7 +578,8 @@ def test_a_flux_model_gets_its_own_pickers(page, webui_home):
     assert options == ["Euler"]
     assert page.eval_on_selector_all("#schedule option", "os => os.map(o => o.value)") == ["Automatic", "Simple"]
     assert page.is_visible("#distilled_cfg_scale") and page.is_visible("#shift")
-    assert not page.is_visible("#hires-section") and not page.is_visible("#control-section")
+    assert page.is_visible("#hires-section") and page.is_visible("#control-section")
+    assert not page.is_visible("#ip-section") and not page.is_visible("#guidance-section")
     fill_basics(page, "a red circle", seed=3, steps=2)
     page.fill("#cfg_scale", "1")
     page.fill("#distilled_cfg_scale", "2.5")
@@ -591,4 +592,4 @@ def test_a_flux_model_gets_its_own_pickers(page, webui_home):
     shot(page, "flux")
     page.select_option("#model", "demo")
     assert len(page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)")) > 10
-    assert not page.is_visible("#distilled_cfg_scale") and page.is_visible("#hires-section")
+    assert not page.is_visible("#distilled_cfg_scale") and page.is_visible("#ip-section")

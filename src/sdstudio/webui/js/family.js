@@ -1,6 +1,6 @@
 // What the chosen model's family takes. Flow models (SD3, Flux) sample with Euler on their own shifted schedule,
-// read Shift (and, for Flux-dev, the Distilled CFG Scale), and have no hires fix, ControlNet, image prompts or
-// guidance add-ons here yet: their pickers offer only what runs, and those sections are hidden.
+// read Shift (and, for Flux-dev, the Distilled CFG Scale), and take no image prompts, guidance add-ons or few-step
+// presets: their pickers offer only what runs, and those sections are hidden.
 import { $, $$, fillSelect } from "./dom.js";
 
 function refill(select, options, fallback) {
