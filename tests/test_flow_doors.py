@@ -29,7 +29,7 @@ def small(**fields) -> GenerationRequest:
     ({"schedule": "Karras"}, "schedule", "shifted sigmas"),
     ({"controlnets": (ControlUnit(model="x", guess_mode=True),)}, "controlnets", "guess mode"),
     ({"pag_scale": 3.0}, "pag_scale", "perturbed-attention"),
-    ({"subseed_strength": 0.5}, "subseed_strength", "variation seeds"),
+    ({"guidance_rescale": 0.7}, "guidance_rescale", "rescale-CFG"),
     ({"clip_skip": 2}, "clip_skip", "pooled output"),
     ({"prompt": "a [red:blue:0.5] circle"}, "prompt", "prompt editing"),
     ({"prompt": "a <lora:x:1> circle"}, "prompt", "unknown LoRA"),
@@ -167,3 +167,14 @@ def test_capture_keeps_the_denoising_process(flow_engine):
     capture = result.images[1].capture
     assert capture.steps == [2, 4] and len(capture.decoded) == 2 and capture.decoded[0].size == (64, 64)
     assert capture.denoised[-1].tobytes() == result.images[1].image.tobytes()  # the last x0 is the image
+
+
+def test_variation_seeds_are_a1111s(flow_engine):
+    """slerp(strength, noise(seed), noise(subseed + k)): strength 1 is the subseed's own picture, and the infotext
+    records the variation seed."""
+    varied = flow_engine.generate(small(seed=7, subseed=40, subseed_strength=1.0, batch_size=2))
+    plain = flow_engine.generate(small(seed=40, batch_size=2))
+    assert torch.allclose(varied.latents, plain.latents, atol=1e-5)
+    assert [im.seed for im in varied.images] == [7, 7] and "Variation seed: 41" in varied.images[1].infotext
+    half = flow_engine.generate(small(seed=7, subseed=40, subseed_strength=0.5)).latents
+    assert not torch.allclose(half, plain.latents[:1], atol=1e-3)

@@ -40,7 +40,8 @@ from sdstudio.engine.sd.capture import FrameCapture
 from sdstudio.engine.sd.control import LoadedControl, infotext_units
 from sdstudio.engine.sd.inpaint import inpaint_inputs
 from sdstudio.engine.sd.preview import LatentRGB, fit_latent_rgb
-from sdstudio.engine.sd.stages import decode_latents, initial_noise, make_generators, to_pil
+from sdstudio.engine.sd.stages import decode_latents, make_generators, to_pil
+from sdstudio.engine.sd.variation import start_noise
 from sdstudio.models.load.flow import FAMILY_NAMES, FlowModel
 from sdstudio.models.load.memory import device_of
 
@@ -114,7 +115,8 @@ class FlowJob:
                  uncond: FlowConditioning | None) -> tuple[Tensor, list[Capture]]:
         """The batch's final latents (B, 16, h, w) on the CPU, and its captures when the request asks."""
         model, req, n = self.model, self.req, len(seeds)
-        noise = initial_noise(make_generators(seeds), (16, self.h, self.w), torch.device("cpu"), torch.float32)
+        noise = start_noise(seeds, make_generators(seeds), req, iteration * req.batch_size, (16, self.h, self.w),
+                            model.factor, torch.device("cpu"), torch.float32)  # variation seeds as A1111
         x, sig = noise, self.sigmas
         if inputs.z0 is not None:  # rectified flow's forward process at the first kept sigma
             x = sig[0] * noise + (1 - sig[0]) * inputs.z0
@@ -214,7 +216,7 @@ class FlowJob:
                                        "config": batch.scheduler_config,
                                        "sigmas": [round(float(s), 6) for s in self.sigmas]},
                               env=environment(model.device, model.dtype))
-        params = a1111.generation_params(record["request"], seed, model.short_hash, __version__, extra)
+        params = a1111.generation_params(record["request"], seed, model.short_hash, __version__, extra, index=index)
         text = a1111.format_infotext(req.prompt, req.negative_prompt, params)
         picture.info["parameters"] = text
         return GeneratedImage(picture, index, seed, text, record, batch.captures[k] if batch.captures else None)

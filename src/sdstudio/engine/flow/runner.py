@@ -23,6 +23,7 @@ from sdstudio.engine.sd import canvas
 from sdstudio.engine.sd.addons import AddOnLibrary
 from sdstudio.engine.sd.control import LoadedControl
 from sdstudio.engine.sd.hires import check_hires, check_hires_upscaler, resolve_hires
+from sdstudio.engine.sd.variation import resolve_variation
 from sdstudio.engine.validate import check_fields, default_size
 from sdstudio.errors import RequestError
 from sdstudio.models.addons.flow_lora import read_flow_lora
@@ -171,10 +172,6 @@ def check_supported(req: GenerationRequest, family: str, limits: Limits) -> tupl
         ("guidance_rescale", req.guidance_rescale != 0, f"rescale-CFG {not_here}; set guidance_rescale to 0"),
         ("zero_terminal_snr", req.zero_terminal_snr is not False, "flow models end at sigma 0 already; set "
                                                                   "zero_terminal_snr to false"),
-        ("subseed_strength", req.variation.strength != 0, f"variation seeds {not_here} yet; set subseed_strength "
-                                                          "to 0"),
-        ("seed_resize_from_w", (req.variation.resize_from_w, req.variation.resize_from_h) != (0, 0),
-         f"seed resize {not_here}; set seed_resize_from_w and _h to 0"),
         ("denoising_end", req.denoising_end is not None, f"the latent handoff {not_here}"),
         ("denoising_start", req.denoising_start is not None, f"the latent handoff {not_here}"),
         ("vae", req.vae not in (None, "auto", "none"), f"{family} models decode with their own 16-channel VAE; "
@@ -253,7 +250,7 @@ def resolve_request(req: GenerationRequest, model: FlowModel, limits: Limits) ->
                         "time per step; its guidance is distilled_cfg_scale (Forge's Distilled CFG Scale), with CFG "
                         "scale 1")
     seed = req.seed if req.seed != -1 else random.randrange(2**32)
-    resolved = req.replace(width=width, height=height, seed=seed, model=model.name)
+    resolved = resolve_variation(req.replace(width=width, height=height, seed=seed, model=model.name), model.factor)
     return resolve_hires(resolved, req, grid, limits), warnings
 
 
