@@ -14,6 +14,7 @@ preprocessor: canny 0, tile 1, depth 2, blur 3, openpose 4, gray 5 (the InstantX
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,7 @@ def flux_residuals(controls: list[FlowControl], x: Tensor, t: Tensor, c: FlowCon
     blocks: list[Tensor] | None = None
     singles: list[Tensor] | None = None
     rows = x.shape[0]
-    for unit in controls:
-        scale = unit.scale_at(i, total)
-        if scale == 0.0:
-            continue
+    for unit, scale in active(controls, i, total):
         net = unit.model
         g = torch.full((rows,), float(guidance), device=x.device, dtype=x.dtype) \
             if guidance is not None and net.config.guidance_embeds else None
@@ -135,10 +133,7 @@ def sd3_residuals(controls: list[FlowControl], x: Tensor, t: Tensor, c: FlowCond
     """Transformer kwargs with the summed residuals of the active SD3 units; {} when none is."""
     blocks: list[Tensor] | None = None
     rows = x.shape[0]
-    for unit in controls:
-        scale = unit.scale_at(i, total)
-        if scale == 0.0:
-            continue
+    for unit, scale in active(controls, i, total):
         net = unit.model
         pooled = torch.zeros_like(c.pooled) if net.config.force_zeros_for_pooled_projection else c.pooled
         context = c.context if net.config.joint_attention_dim is not None else None
@@ -146,6 +141,14 @@ def sd3_residuals(controls: list[FlowControl], x: Tensor, t: Tensor, c: FlowCond
                   controlnet_cond=unit.cond.expand(rows, -1, -1, -1), conditioning_scale=scale, return_dict=False)[0]
         blocks = _add(blocks, out)
     return {} if blocks is None else {"block_controlnet_hidden_states": blocks}
+
+
+def active(controls: list[FlowControl], i: int, total: int) -> Iterator[tuple[FlowControl, float]]:
+    """The units acting at step i of `total`, with their scales."""
+    for unit in controls:
+        scale = unit.scale_at(i, total)
+        if scale != 0.0:
+            yield unit, scale
 
 
 def _add(total: list[Tensor] | None, more: Any) -> list[Tensor] | None:

@@ -127,27 +127,31 @@ def sampler_for(req: GenerationRequest, family: str) -> tuple[GenerationRequest,
     """The request with the flow sampler and schedule; a sampler or schedule the loop cannot run is refused, or
     replaced with a note when the request allows the fallback."""
     notes: list[str] = []
+
+    def refuse_or_note(field: str, refusal: str, note: str) -> None:
+        if not req.sampler_fallback:
+            raise RequestError(f"{field}: {refusal}", field)
+        notes.append(note)
+
     if req.sampler not in (DEFAULT_SAMPLER, FLOW_SAMPLER):
-        if not req.sampler_fallback:
-            raise RequestError(f"sampler: {family} models sample with the flow-matching Euler sampler; use "
-                               f"{FLOW_SAMPLER!r}, got {req.sampler!r}", "sampler")
-        notes.append(f"{family} models sample with Euler: sampler {req.sampler!r} was replaced by Euler")
+        refuse_or_note("sampler", f"{family} models sample with the flow-matching Euler sampler; use "
+                                  f"{FLOW_SAMPLER!r}, got {req.sampler!r}",
+                       f"{family} models sample with Euler: sampler {req.sampler!r} was replaced by Euler")
     if req.schedule not in FLOW_SCHEDULES:
-        if not req.sampler_fallback:
-            raise RequestError(f"schedule: {family} models step through their own shifted sigmas; use "
-                               f"{' or '.join(map(repr, FLOW_SCHEDULES))} (set `shift` to change them), got "
-                               f"{req.schedule!r}", "schedule")
-        notes.append(f"{family} models step through their own shifted sigmas: schedule {req.schedule!r} was "
-                     f"replaced by {DEFAULT_SCHEDULE}")
+        refuse_or_note("schedule", f"{family} models step through their own shifted sigmas; use "
+                                   f"{' or '.join(map(repr, FLOW_SCHEDULES))} (set `shift` to change them), got "
+                                   f"{req.schedule!r}",
+                       f"{family} models step through their own shifted sigmas: schedule {req.schedule!r} was "
+                       f"replaced by {DEFAULT_SCHEDULE}")
         req = req.replace(schedule=DEFAULT_SCHEDULE)
-    if req.hires is not None and (req.hires.sampler not in ("", FLOW_SAMPLER, DEFAULT_SAMPLER) or
-                                  req.hires.schedule not in ("", *FLOW_SCHEDULES)):
-        if not req.sampler_fallback:
-            raise RequestError(f"hr_sampler_name: {family} models sample with Euler on their own schedule in both "
-                               f"passes; leave hr_sampler_name and hr_scheduler empty, got "
-                               f"{req.hires.sampler!r} / {req.hires.schedule!r}", "hr_sampler_name")
-        notes.append(f"the hires pass of {family} models samples with Euler on its own schedule: "
-                     f"{req.hires.sampler!r} / {req.hires.schedule!r} were not used")
+    hires = req.hires
+    if hires is not None and (hires.sampler not in ("", FLOW_SAMPLER, DEFAULT_SAMPLER) or
+                              hires.schedule not in ("", *FLOW_SCHEDULES)):
+        refuse_or_note("hr_sampler_name", f"{family} models sample with Euler on their own schedule in both passes; "
+                                          f"leave hr_sampler_name and hr_scheduler empty, got {hires.sampler!r} / "
+                                          f"{hires.schedule!r}",
+                       f"the hires pass of {family} models samples with Euler on its own schedule: "
+                       f"{hires.sampler!r} / {hires.schedule!r} were not used")
     if req.hires is not None:
         req = req.replace(hr_sampler_name="", hr_scheduler="")
     return req.replace(sampler=FLOW_SAMPLER), notes
